@@ -1,0 +1,1 @@
+"""Shared mechanics of the image-edit LoRA trainers: mixed-resolution batches without bucketing."""

@@ -1,0 +1,149 @@
+"""common.flux against stock diffusers FLUX run on each sample alone (the oracle)."""
+
+import pytest
+import torch
+from conftest import lora_grads, randomize_lora, relative_error
+from diffusers import FluxKontextPipeline, FluxTransformer2DModel
+from peft import LoraConfig
+
+from common.attention import available_backends
+from common.flux import image_ids, install_mixed, mixed_forward, padded_forward
+
+BACKENDS = available_backends(torch.device("cpu"), torch.float32) + ["auto"]
+TEXT_LEN = 7
+# (target grid, reference grid) in packed tokens; references differ in size from their targets.
+MIXED = [((4, 6), (3, 3)), ((5, 5), (2, 4)), ((2, 3), (6, 4))]
+
+
+@pytest.fixture
+def transformer(tiny_checkpoint):
+    return FluxTransformer2DModel.from_pretrained(tiny_checkpoint("flux_kontext"), subfolder="transformer").eval()
+
+
+def make_batch(layouts, seed=0):
+    """Per-sample Kontext tokens and ids (target first, then the reference with first id channel 1)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(layouts)
+    hidden = [torch.randn(t[0] * t[1] + r[0] * r[1], 64, generator=g) for t, r in layouts]
+    ids = [torch.cat([image_ids(*t), image_ids(*r, index=1)]) for t, r in layouts]
+    return dict(
+        hidden_states=hidden,
+        img_ids=ids,
+        encoder_hidden_states=torch.randn(batch, TEXT_LEN, 32, generator=g),
+        pooled_projections=torch.randn(batch, 32, generator=g),
+        timestep=torch.rand(batch, generator=g),
+        txt_ids=torch.zeros(TEXT_LEN, 3),
+        guidance=torch.full((batch,), 2.5),
+    )
+
+
+def stock_single(transformer, batch, i):
+    """The oracle: sample i alone, unpadded, through the stock forward."""
+    return transformer(
+        hidden_states=batch["hidden_states"][i][None],
+        encoder_hidden_states=batch["encoder_hidden_states"][i : i + 1],
+        pooled_projections=batch["pooled_projections"][i : i + 1],
+        timestep=batch["timestep"][i : i + 1],
+        img_ids=batch["img_ids"][i],
+        txt_ids=batch["txt_ids"],
+        guidance=batch["guidance"][i : i + 1],
+        return_dict=False,
+    )[0][0]
+
+
+def test_image_ids_match_kontext_pipeline():
+    expected = FluxKontextPipeline._prepare_latent_image_ids(1, 5, 7, "cpu", torch.float32)
+    assert torch.equal(image_ids(5, 7), expected)
+    expected[..., 0] = 1
+    assert torch.equal(image_ids(5, 7, index=1), expected)
+
+
+@torch.no_grad()
+def test_single_sample_is_bitwise_stock(transformer):
+    batch = make_batch(MIXED[:1])
+    assert torch.equal(mixed_forward(transformer, **batch)[0], stock_single(transformer, batch, 0))
+
+
+@torch.no_grad()
+def test_equal_layouts_are_bitwise_stock_batch(transformer):
+    batch = make_batch([MIXED[0]] * 3)
+    stock = transformer(
+        hidden_states=torch.stack(batch["hidden_states"]),
+        **{k: v for k, v in batch.items() if k not in ("hidden_states", "img_ids")},
+        img_ids=batch["img_ids"][0],
+        return_dict=False,
+    )[0]
+    out = mixed_forward(transformer, **batch)
+    assert all(torch.equal(o, s) for o, s in zip(out, stock, strict=True))
+    assert not hasattr(transformer.pos_embed, "stock"), "the stock path must not install anything"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_matches_each_sample_alone(transformer, backend):
+    batch = make_batch(MIXED)
+    install_mixed(transformer, backend)
+    out = mixed_forward(transformer, **batch)
+    for i, o in enumerate(out):
+        expected = stock_single(transformer, batch, i)
+        assert o.shape == expected.shape
+        assert (o - expected).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_same_token_count_different_grids_take_mixed_path(transformer):
+    """4x6 and 6x4 targets have equal lengths but different positions: stacking them would be wrong."""
+    batch = make_batch([((4, 6), (2, 2)), ((6, 4), (2, 2))])
+    out = mixed_forward(transformer, **batch)
+    assert (out[1] - stock_single(transformer, batch, 1)).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_stock_calls_unchanged_after_install(transformer):
+    batch = make_batch(MIXED[:1])
+    before = stock_single(transformer, batch, 0)
+    install_mixed(transformer, "split")
+    assert torch.equal(stock_single(transformer, batch, 0), before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, backend, checkpointing):
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    randomize_lora(transformer)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    install_mixed(transformer, backend)
+    batch = make_batch(MIXED)
+    g = torch.Generator().manual_seed(1)
+    for h in batch["hidden_states"]:
+        h.requires_grad_(True)
+    weights = [torch.randn(h.shape[0], 64, generator=g) for h in batch["hidden_states"]]
+
+    captured = {}
+
+    def keep_padded_input(module, args):
+        args[0].retain_grad()
+        captured["input"] = args[0]
+
+    hook = transformer.x_embedder.register_forward_pre_hook(keep_padded_input)
+    out, valid = padded_forward(transformer, **batch)
+    hook.remove()
+    assert torch.equal(out[~valid], torch.zeros_like(out[~valid])), "padded outputs must be exactly zero"
+    sum((o[: w.shape[0]] * w).sum() for o, w in zip(out, weights, strict=True)).backward()
+    padded_input_grad = captured["input"].grad
+    assert torch.equal(padded_input_grad[~valid], torch.zeros_like(padded_input_grad[~valid]))
+    assert padded_input_grad[valid].abs().sum() > 0
+    mixed = lora_grads(transformer)
+
+    transformer.zero_grad()
+    for i, w in enumerate(weights):
+        (stock_single(transformer, batch, i) * w).sum().backward()
+    summed = lora_grads(transformer)
+    # A and B of 4 adapted projections in each double block, of 3 in each single block (it has no to_out).
+    assert len(mixed) == 8 * transformer.config.num_layers + 6 * transformer.config.num_single_layers
+    for name, grad in mixed.items():
+        assert summed[name].abs().sum() > 0, name
+        assert relative_error(grad, summed[name]) <= 1e-5, name

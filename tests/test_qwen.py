@@ -1,0 +1,141 @@
+"""common.qwen against stock diffusers Qwen-Image run on each sample alone (the oracle)."""
+
+import pytest
+import torch
+from conftest import lora_grads, randomize_lora, relative_error
+from diffusers import QwenImageTransformer2DModel
+from peft import LoraConfig
+
+from common.attention import available_backends
+from common.qwen import install_mixed, mixed_forward, padded_forward
+
+BACKENDS = available_backends(torch.device("cpu"), torch.float32) + ["auto"]
+# Target first, then 0, 1 and 2 references of sizes different from the target, in one batch.
+MIXED = [[(1, 4, 6)], [(1, 5, 3), (1, 2, 4)], [(1, 2, 3), (1, 6, 4), (1, 3, 3)]]
+TEXT_LENGTHS = [5, 9, 3]
+
+
+def load(tiny_checkpoint, model):
+    return QwenImageTransformer2DModel.from_pretrained(tiny_checkpoint(model), subfolder="transformer").eval()
+
+
+@pytest.fixture(params=["qwen_edit", "qwen_edit_2511"])
+def transformer(request, tiny_checkpoint):
+    return load(tiny_checkpoint, request.param)
+
+
+def make_batch(img_shapes, text_lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        hidden_states=[torch.randn(sum(f * h * w for f, h, w in s), 64, generator=g) for s in img_shapes],
+        img_shapes=img_shapes,
+        encoder_hidden_states=[torch.randn(n, 32, generator=g) for n in text_lengths],
+        timestep=torch.rand(len(img_shapes), generator=g),
+    )
+
+
+def stock_single(transformer, batch, i):
+    """The oracle: sample i alone, unpadded and unmasked, as the stock pipeline calls the model."""
+    return transformer(
+        hidden_states=batch["hidden_states"][i][None],
+        encoder_hidden_states=batch["encoder_hidden_states"][i][None],
+        encoder_hidden_states_mask=None,
+        timestep=batch["timestep"][i : i + 1],
+        img_shapes=[batch["img_shapes"][i]],
+        return_dict=False,
+    )[0][0]
+
+
+def test_tiny_2511_variant_has_zero_cond_t(tiny_checkpoint):
+    assert load(tiny_checkpoint, "qwen_edit_2511").config.zero_cond_t
+    assert not load(tiny_checkpoint, "qwen_edit").config.zero_cond_t
+
+
+@torch.no_grad()
+def test_single_sample_is_bitwise_stock(transformer):
+    batch = make_batch(MIXED[1:2], TEXT_LENGTHS[1:2])
+    assert torch.equal(mixed_forward(transformer, **batch)[0], stock_single(transformer, batch, 0))
+
+
+@torch.no_grad()
+def test_equal_shapes_and_text_lengths_are_bitwise_stock_batch(transformer):
+    batch = make_batch([MIXED[1]] * 3, [6, 6, 6])
+    stock = transformer(
+        hidden_states=torch.stack(batch["hidden_states"]),
+        encoder_hidden_states=torch.stack(batch["encoder_hidden_states"]),
+        timestep=batch["timestep"],
+        img_shapes=batch["img_shapes"],
+        return_dict=False,
+    )[0]
+    out = mixed_forward(transformer, **batch)
+    assert all(torch.equal(o, s) for o, s in zip(out, stock, strict=True))
+    assert not hasattr(transformer.pos_embed, "stock"), "the stock path must not install anything"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_matches_each_sample_alone(transformer, backend):
+    batch = make_batch(MIXED, TEXT_LENGTHS)
+    install_mixed(transformer, backend)
+    out = mixed_forward(transformer, **batch)
+    for i, o in enumerate(out):
+        expected = stock_single(transformer, batch, i)
+        assert o.shape == expected.shape
+        assert (o - expected).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_equal_images_different_text_lengths(transformer):
+    batch = make_batch([MIXED[2]] * 2, [4, 11])
+    out = mixed_forward(transformer, **batch)
+    for i, o in enumerate(out):
+        assert (o - stock_single(transformer, batch, i)).abs().max().item() <= 1e-5
+
+
+def test_token_count_must_match_img_shapes(transformer):
+    batch = make_batch(MIXED, TEXT_LENGTHS)
+    batch["hidden_states"][2] = batch["hidden_states"][2][:-1]
+    with pytest.raises(ValueError, match="sample 2"):
+        mixed_forward(transformer, **batch)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, backend, checkpointing):
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    randomize_lora(transformer)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    install_mixed(transformer, backend)
+    batch = make_batch(MIXED, TEXT_LENGTHS)
+    g = torch.Generator().manual_seed(1)
+    for h in batch["hidden_states"]:
+        h.requires_grad_(True)
+    weights = [torch.randn(h.shape[0], 64, generator=g) for h in batch["hidden_states"]]
+
+    captured = {}
+
+    def keep_padded_input(module, args):
+        args[0].retain_grad()
+        captured["input"] = args[0]
+
+    hook = transformer.img_in.register_forward_pre_hook(keep_padded_input)
+    out, valid = padded_forward(transformer, **batch)
+    hook.remove()
+    assert torch.equal(out[~valid], torch.zeros_like(out[~valid])), "padded outputs must be exactly zero"
+    sum((o[: w.shape[0]] * w).sum() for o, w in zip(out, weights, strict=True)).backward()
+    padded_input_grad = captured["input"].grad
+    assert torch.equal(padded_input_grad[~valid], torch.zeros_like(padded_input_grad[~valid]))
+    assert padded_input_grad[valid].abs().sum() > 0
+    mixed = lora_grads(transformer)
+
+    transformer.zero_grad()
+    for i, w in enumerate(weights):
+        (stock_single(transformer, batch, i) * w).sum().backward()
+    summed = lora_grads(transformer)
+    assert len(mixed) == 8 * transformer.config.num_layers
+    for name, grad in mixed.items():
+        assert summed[name].abs().sum() > 0, name
+        assert relative_error(grad, summed[name]) <= 1e-5, name
