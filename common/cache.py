@@ -1,0 +1,453 @@
+"""Precomputed-row cache: memory-mapped Arrow shards written by `datasets`-compatible IPC streams.
+
+Layout of a cache directory (the directory belongs to the cache):
+
+- `fingerprint.json`: the settings every row depends on, written when the first writer opens the cache;
+- `shard-p{process:03d}-{counter:06d}.arrow`: Arrow IPC stream files, one per `shard_size` rows of one process,
+  each written to a hidden `.{name}.{pid}.tmp` file in the same directory, fsynced and renamed into place, so a
+  killed writer leaves either a complete shard or an ignored temp file;
+- `cache_info.json`: written by `finalize_cache` once every row is present; a cache without it is unfinished.
+
+Row encoding (`flatten_row` / `unflatten_row`), generic over the row's keys:
+
+- a tensor `k` -> `k` (flat values) + `k__shape`; a non-empty list of tensors `k` -> `k` (list of flat values) +
+  `k__shapes`; a dict `k` -> JSON text in `k__json` (Arrow would merge differing keys); anything else (None,
+  str, numbers, nested lists such as `img_shapes`) is stored as is;
+- dtypes are kept (float32 stays float32, float16 float16, ints and bools as such), except bfloat16, which numpy
+  and Arrow lack: it is stored as its exact float32 values and comes back as float32;
+- every written row also has `index` (source order), `version` (`CACHE_VERSION`) and `sample_id`.
+
+Shards of different processes may infer different Arrow types for an all-None or all-empty column; loading
+unifies them (`datasets.concatenate_datasets` promotes null types and fills missing columns with None).
+
+Legacy v1.0 caches are `Dataset.save_to_disk` folders of rows in the same tensor encoding but without `version`
+or `img_shapes`, holding the target's pixel `height`/`width`. They load with `version` "1.0" and `img_shapes`
+rebuilt as `[[1, height // 16, width // 16]]` (VAE factor 8, 2x2 packing) followed by `[1, h // 2, w // 2]` per
+control latent (C, h, w) listed in `control_latents__shapes`, if present; a missing `index` becomes the row position
+and a missing `sample_id` the index. They carry no fingerprint, so `load_cache` refuses them when a fingerprint is
+requested; load them with `fingerprint=None` to use them unverified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+CACHE_VERSION = "2.0"
+LEGACY_VERSION = "1.0"
+INFO_FILE = "cache_info.json"
+FINGERPRINT_FILE = "fingerprint.json"
+SHAPE, SHAPES, JSON = "__shape", "__shapes", "__json"
+RESERVED_COLUMNS = ("index", "version", "skip_reason")
+SHARD_PATTERN = re.compile(r"shard-p(\d+)-(\d+)\.arrow")
+
+
+class FingerprintMismatch(ValueError):
+    """The cache was built with settings other than the requested ones."""
+
+    def __init__(self, cache_dir: str | os.PathLike, differences: list[str]) -> None:
+        """Name every differing setting with its cached and requested value."""
+        self.differences = differences
+        super().__init__(
+            f"cache at {cache_dir} was built with other settings ({'; '.join(differences)}); "
+            "rebuild it (rebuild=True) or point to another cache directory"
+        )
+
+
+class CacheNotFinished(RuntimeError):
+    """The cache directory holds no finalized cache (its writers were interrupted or never finalized)."""
+
+
+def fingerprint_diff(cached: dict, requested: dict) -> list[str]:
+    """'key: cached X, requested Y' for every differing setting, nested keys dotted, compared as JSON."""
+    cached, requested = _as_json(cached), _as_json(requested)
+    return _diff(cached, requested, "")
+
+
+def _diff(cached: dict, requested: dict, prefix: str) -> list[str]:
+    """Recursive worker of `fingerprint_diff`."""
+    lines = []
+    for key in sorted(cached.keys() | requested.keys()):
+        old, new = cached.get(key, "<missing>"), requested.get(key, "<missing>")
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += _diff(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: cached {old!r}, requested {new!r}")
+    return lines
+
+
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists); raises TypeError if it is not JSON-able."""
+    return json.loads(json.dumps(value))
+
+
+def _flat(tensor: Tensor) -> np.ndarray:
+    """Flat numpy copy of a tensor, bfloat16 widened to float32."""
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.reshape(-1).numpy(force=True).copy()
+
+
+def flatten_row(row: dict) -> dict:
+    """Arrow-storable columns of one row: tensors flattened next to their shapes, dicts as JSON (module doc)."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key.endswith((SHAPE, SHAPES, JSON)):
+            raise ValueError(f"row key {key!r} ends with a suffix reserved for cache columns")
+        if isinstance(value, Tensor):
+            out[key], out[key + SHAPE] = _flat(value), list(value.shape)
+        elif isinstance(value, list | tuple) and value and all(isinstance(v, Tensor) for v in value):
+            out[key], out[key + SHAPES] = [_flat(v) for v in value], [list(v.shape) for v in value]
+        elif isinstance(value, list | tuple) and any(isinstance(v, Tensor) for v in value):
+            raise TypeError(f"row key {key!r} mixes tensors and other values")
+        elif isinstance(value, dict):
+            out[key + JSON] = json.dumps(value, sort_keys=True)
+        else:
+            out[key] = value
+    return out
+
+
+def _tensor(flat: Any, shape: list[int]) -> Tensor:
+    """Tensor of `shape` from flat values (numpy keeps the stored dtype; Python lists get torch's default)."""
+    if isinstance(flat, np.ndarray):
+        return torch.from_numpy(flat.copy()).reshape(shape)
+    return torch.tensor(flat).reshape(shape)
+
+
+def unflatten_row(row: dict) -> dict:
+    """Inverse of `flatten_row` (plus the index/version/sample_id columns) for a row read back from the cache."""
+    keys = dict.fromkeys(name.removesuffix(SHAPE).removesuffix(SHAPES).removesuffix(JSON) for name in row)
+    out: dict[str, Any] = {}
+    for key in keys:
+        text, value = row.get(key + JSON), row.get(key)
+        shape, shapes = row.get(key + SHAPE), row.get(key + SHAPES)
+        if text is not None:
+            out[key] = json.loads(text)
+        elif value is not None and shape is not None:
+            out[key] = _tensor(value, shape)
+        elif value is not None and shapes is not None:
+            out[key] = [_tensor(v, s) for v, s in zip(value, shapes, strict=True)]
+        else:
+            out[key] = value
+    return out
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Binary file that appears at `path` complete (temp file in the same directory, fsync, rename) or not at all."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    """Write `value` as JSON atomically."""
+    with _atomic_file(path) as f:
+        f.write(json.dumps(value, indent=2, sort_keys=True).encode())
+
+
+def _read_json(path: Path) -> dict | None:
+    """Parsed JSON file, or None if it does not exist."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor]) -> None:
+    """Save tensors as a safetensors file atomically (e.g. the empty-prompt embeddings stored once per cache)."""
+    data = safetensors_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    with _atomic_file(Path(path)) as f:
+        f.write(data)
+
+
+def _shards(cache_dir: Path) -> list[Path]:
+    """Complete shard files of a cache directory, by process then counter."""
+    return sorted(p for p in cache_dir.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+
+
+def _read_shard(path: Path) -> pa.Table:
+    """Memory-mapped Arrow table of one shard."""
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
+def _shard_entries(cache_dir: Path) -> list[tuple[int, str, str | None]]:
+    """(index, sample_id, skip reason or None) of every row in the complete shards."""
+    entries = []
+    for path in _shards(cache_dir):
+        table = _read_shard(path)
+        reasons = table["skip_reason"] if "skip_reason" in table.column_names else pa.nulls(table.num_rows)
+        entries += zip(table["index"].to_pylist(), table["sample_id"].to_pylist(), reasons.to_pylist(), strict=True)
+    return entries
+
+
+def _remove_temps(cache_dir: Path, prefix: str = ".") -> None:
+    """Delete leftover temp files of interrupted writes whose names start with `prefix`."""
+    for path in cache_dir.glob(f"{prefix}*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+class CacheWriter:
+    """Writes one process's rows as atomic shards; resumable after a kill (`done_indices`).
+
+    Process p handles source indices p::num_processes. With rebuild=True, process 0 deletes the old cache while
+    constructing its writer: construct it there first, `accelerator.wait_for_everyone()`, then on the others.
+    Without rebuild every process checks the stored fingerprint, and the construction order does not matter.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        fingerprint: dict,
+        *,
+        process_index: int = 0,
+        num_processes: int = 1,
+        shard_size: int = 32,
+        rebuild: bool = False,
+    ) -> None:
+        """Open (or create, or with rebuild=True on process 0 empty) a cache for `fingerprint`."""
+        if not 0 <= process_index < num_processes or shard_size < 1:
+            raise ValueError(f"bad writer settings: process {process_index} of {num_processes}, shard {shard_size}")
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = _as_json(fingerprint)
+        self.process_index, self.num_processes, self.shard_size = process_index, num_processes, shard_size
+        fingerprint_path = self.cache_dir / FINGERPRINT_FILE
+        if process_index == 0 and rebuild:
+            for path in [*_shards(self.cache_dir), self.cache_dir / INFO_FILE, fingerprint_path]:
+                path.unlink(missing_ok=True)
+            _remove_temps(self.cache_dir)
+        stored = _read_json(fingerprint_path)
+        if stored is None:
+            _write_json(fingerprint_path, self.fingerprint)
+        elif differences := fingerprint_diff(stored, self.fingerprint):
+            raise FingerprintMismatch(self.cache_dir, differences)
+        if process_index == 0:
+            (self.cache_dir / INFO_FILE).unlink(missing_ok=True)
+        _remove_temps(self.cache_dir, f".shard-p{process_index:03d}-")
+        own = [SHARD_PATTERN.fullmatch(p.name) for p in _shards(self.cache_dir)]
+        self._counter = max((int(m[2]) + 1 for m in own if int(m[1]) == process_index), default=0)
+        self._seen = self.done_indices()
+        self._buffer: list[dict] = []
+
+    def done_indices(self) -> set[int]:
+        """Indices (rows and skipped samples) already in complete shards of this cache, from any process."""
+        return {index for index, _, _ in _shard_entries(self.cache_dir)}
+
+    def add(self, index: int, row: dict) -> None:
+        """Buffer row `index` (it needs a str "sample_id"); a full buffer is written as one shard."""
+        if not isinstance(row.get("sample_id"), str):
+            raise ValueError(f"row {index} needs a str 'sample_id'")
+        if reserved := set(RESERVED_COLUMNS) & row.keys():
+            raise ValueError(f"row {index} uses reserved keys {sorted(reserved)}")
+        self._append({"index": index, "version": CACHE_VERSION, **flatten_row(row)})
+
+    def skip(self, index: int, sample_id: str, reason: str) -> None:
+        """Record that sample `index` has no row (e.g. an unreadable image); finalize_cache lists it."""
+        self._append({"index": index, "version": CACHE_VERSION, "sample_id": sample_id, "skip_reason": reason})
+
+    def _append(self, entry: dict) -> None:
+        """Buffer one entry after checking it belongs to this process and is new."""
+        index = entry["index"]
+        if index % self.num_processes != self.process_index:
+            raise ValueError(f"index {index} belongs to process {index % self.num_processes}, not {self.process_index}")
+        if index in self._seen:
+            raise ValueError(f"index {index} is already in the cache")
+        self._seen.add(index)
+        self._buffer.append(entry)
+        if len(self._buffer) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write the buffered entries as the next shard of this process, atomically."""
+        if not self._buffer:
+            return
+        names = dict.fromkeys(name for entry in self._buffer for name in entry)
+        table = pa.table({name: pa.array([entry.get(name) for entry in self._buffer]) for name in names})
+        path = self.cache_dir / f"shard-p{self.process_index:03d}-{self._counter:06d}.arrow"
+        with _atomic_file(path) as f, pa.ipc.new_stream(f, table.schema) as stream:
+            stream.write_table(table)
+        self._counter += 1
+        self._buffer = []
+
+    def close(self) -> None:
+        """Write the remaining buffered rows as a last (short) shard."""
+        self._flush()
+
+    def __enter__(self) -> CacheWriter:
+        """Use as a context manager that closes (and so keeps the finished rows) on exit."""
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close the writer."""
+        self.close()
+
+
+def finalize_cache(cache_dir: str | os.PathLike, fingerprint: dict, num_rows: int, extra: dict | None = None) -> None:
+    """Check that indices 0..num_rows-1 are each cached or skipped exactly once, then write cache_info.json.
+
+    Run on the main process after every writer has closed (`accelerator.wait_for_everyone()`).
+    """
+    cache_dir = Path(cache_dir)
+    stored = _read_json(cache_dir / FINGERPRINT_FILE)
+    if stored is None:
+        raise CacheNotFinished(f"no cache writer ever opened {cache_dir}")
+    if differences := fingerprint_diff(stored, fingerprint):
+        raise FingerprintMismatch(cache_dir, differences)
+    if num_rows < 1:
+        raise ValueError(f"a cache needs at least one source sample, got num_rows={num_rows}")
+    entries = _shard_entries(cache_dir)
+    counts = Counter(index for index, _, _ in entries)
+    problems = {
+        "missing": [i for i in range(num_rows) if i not in counts],
+        "duplicated": sorted(i for i, n in counts.items() if n > 1),
+        "out of range": sorted(i for i in counts if not 0 <= i < num_rows),
+    }
+    if any(problems.values()):
+        found = "; ".join(f"{len(v)} {k} (first {v[:10]})" for k, v in problems.items() if v)
+        raise ValueError(f"cache at {cache_dir} does not hold rows 0..{num_rows - 1} exactly once: {found}")
+    skipped = sorted((i, s, r) for i, s, r in entries if r is not None)
+    _remove_temps(cache_dir)
+    info = {
+        "version": CACHE_VERSION,
+        "fingerprint": _as_json(fingerprint),
+        "num_rows": num_rows,
+        "num_cached": num_rows - len(skipped),
+        "skipped": [{"index": i, "sample_id": s, "reason": r} for i, s, r in skipped],
+        "shards": [p.name for p in _shards(cache_dir)],
+        "extra": _as_json(extra or {}),
+    }
+    _write_json(cache_dir / INFO_FILE, info)
+
+
+def cache_info(cache_dir: str | os.PathLike) -> dict:
+    """Contents of a finalized cache's cache_info.json; CacheNotFinished if the cache was never finalized."""
+    cache_dir = Path(cache_dir)
+    info = _read_json(cache_dir / INFO_FILE)
+    if info is None:
+        if (cache_dir / FINGERPRINT_FILE).exists():
+            raise CacheNotFinished(
+                f"cache at {cache_dir} is unfinished (interrupted or not finalized): run the precompute again, "
+                "it resumes from the complete shards"
+            )
+        raise FileNotFoundError(f"no cache at {cache_dir}")
+    return info
+
+
+def _sorted_rows(dataset: datasets.Dataset, index: np.ndarray, keep: np.ndarray) -> datasets.Dataset:
+    """Rows `keep` of `dataset` ordered by `index`, as an in-memory index map over the memory-mapped data."""
+    order = keep[np.argsort(index[keep], kind="stable")]
+    return dataset.select(order, keep_in_memory=True)
+
+
+def _columns(dataset: datasets.Dataset, names: list[str]) -> pa.Table:
+    """Small columns of a dataset as one Arrow table (no tensor decoding)."""
+    return dataset.select_columns(names).with_format("arrow")[:]
+
+
+def load_cache(cache_dir: str | os.PathLike, fingerprint: dict | None = None) -> datasets.Dataset:
+    """Memory-mapped dataset of a finalized cache (or a legacy v1.0 one), one row per cached sample, by index."""
+    cache_dir = Path(cache_dir)
+    saved_dataset = (cache_dir / datasets.config.DATASET_STATE_JSON_FILENAME).exists()
+    if saved_dataset and not (cache_dir / FINGERPRINT_FILE).exists():
+        info = {"version": LEGACY_VERSION, "fingerprint": {}}
+    else:
+        info = cache_info(cache_dir)
+    if fingerprint is not None and (differences := fingerprint_diff(info["fingerprint"], fingerprint)):
+        raise FingerprintMismatch(cache_dir, differences)
+    if info["version"] == LEGACY_VERSION:
+        return _load_legacy(cache_dir)
+    if info["version"] != CACHE_VERSION:
+        raise ValueError(f"cache at {cache_dir} has unsupported version {info['version']!r}")
+    parts = [datasets.Dataset.from_file(str(cache_dir / name)) for name in info["shards"]]
+    dataset = datasets.concatenate_datasets(parts)
+    skip = "skip_reason" in dataset.column_names
+    meta = _columns(dataset, ["index", "skip_reason"] if skip else ["index"])
+    keep = np.flatnonzero(meta["skip_reason"].is_null().to_numpy()) if skip else np.arange(len(dataset))
+    dataset = _sorted_rows(dataset, meta["index"].to_numpy(), keep)
+    return dataset.remove_columns("skip_reason") if skip else dataset
+
+
+def _load_legacy(cache_dir: Path) -> datasets.Dataset:
+    """A v1.0 `save_to_disk` cache with index, version "1.0", sample_id and img_shapes added (module doc)."""
+    dataset = datasets.load_from_disk(str(cache_dir))
+    n = len(dataset)
+    if "index" not in dataset.column_names:
+        dataset = dataset.add_column("index", list(range(n)))
+    if "sample_id" not in dataset.column_names:
+        dataset = dataset.add_column("sample_id", [str(i) for i in _columns(dataset, ["index"])["index"].to_pylist()])
+    controls = "control_latents" + SHAPES
+    has_controls = controls in dataset.column_names
+    meta = _columns(dataset, ["index", "height", "width"] + ([controls] if has_controls else []))
+    control_shapes = meta[controls].to_pylist() if has_controls else [[]] * n
+    img_shapes = [
+        [[1, h // 16, w // 16]] + [[1, s[-2] // 2, s[-1] // 2] for s in shapes or []]
+        for h, w, shapes in zip(meta["height"].to_pylist(), meta["width"].to_pylist(), control_shapes, strict=True)
+    ]
+    dataset = dataset.add_column("img_shapes", img_shapes).add_column("version", [LEGACY_VERSION] * n)
+    return _sorted_rows(dataset, meta["index"].to_numpy(), np.arange(n))
+
+
+def token_counts(dataset: datasets.Dataset) -> list[int]:
+    """Image tokens per row (sum over img_shapes of frames * h * w), from the shape column alone."""
+    return [sum(math.prod(shape) for shape in shapes) for shapes in _columns(dataset, ["img_shapes"])[0].to_pylist()]
+
+
+def _arrow_value(scalar: pa.Scalar, kind: str) -> Any:
+    """Python value of one cell; tensor columns as numpy arrays so the stored dtype survives."""
+    if not scalar.is_valid or kind == "plain":
+        return scalar.as_py()
+    if kind == SHAPE:
+        return scalar.values.to_numpy(zero_copy_only=False)
+    return [scalar.values[j].values.to_numpy(zero_copy_only=False) for j in range(len(scalar.values))]
+
+
+class CachedRows(torch.utils.data.Dataset):
+    """Torch view of a loaded cache: item i is `unflatten_row` of row i (tensors in their stored dtype)."""
+
+    def __init__(self, dataset: datasets.Dataset) -> None:
+        """Wrap a dataset returned by `load_cache`."""
+        self.dataset = dataset
+        self._rows = dataset.with_format("arrow")
+        names = set(dataset.column_names)
+        self._kinds = {
+            name: SHAPE if name + SHAPE in names else SHAPES if name + SHAPES in names else "plain"
+            for name in dataset.column_names
+        }
+
+    def __len__(self) -> int:
+        """Number of cached rows."""
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        """Row i as tensors and plain values."""
+        table = self._rows[i]
+        return unflatten_row({name: _arrow_value(table[name][0], kind) for name, kind in self._kinds.items()})
