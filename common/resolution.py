@@ -36,7 +36,6 @@ DEFAULT_AREA: int = 1024 * 1024
 QWEN_EDIT_PLUS_CONDITION_AREA: int = 384 * 384
 
 
-
 def parse_resolution(spec: str | int) -> int:
     """Parse "512*512", "512x768", "512X768", "262144" or 262144 into a pixel area, so configs can use either form."""
     if isinstance(spec, bool) or not isinstance(spec, (str, int)):

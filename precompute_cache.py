@@ -1,0 +1,139 @@
+"""Precompute VAE latents and text embeddings of an edit dataset into an Arrow cache, so training never waits on
+encoders. Each process of `accelerate launch` encodes rows p::N; a rerun resumes where a killed run stopped.
+
+    accelerate launch precompute_cache.py --model qwen_edit_plus \\
+        --pretrained_model_name_or_path Qwen/Qwen-Image-Edit-2509 --dataset ./pairs --cache_dir ./cache \\
+        --multi_resolutions 512*512 768*768 1024*1024
+"""
+
+import argparse
+import hashlib
+import json
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from common.cache import CacheWriter, finalize_cache, save_tensors_atomic
+from common.cli import MODELS, add_data_args, add_model_args, resolution_policy
+from common.data import BadSampleError, prepare_sample, read_rows, source_hash
+from common.encoders import load_encoders
+
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags: the model, where the data comes from and how it is sized, where the cache goes."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, choices=MODELS)
+    add_model_args(parser)
+    add_data_args(parser)
+    parser.add_argument("--rebuild_cache", action="store_true", help="discard an existing cache and encode again")
+    parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (FLUX)")
+    parser.add_argument("--shard_size", type=int, default=32, help="rows per atomically written shard")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="encoder dtype")
+    args = parser.parse_args(argv)
+    if not args.dataset or not args.cache_dir:
+        raise ValueError("--dataset and --cache_dir are both required")
+    return args
+
+
+def fingerprint(args: argparse.Namespace, rows: list) -> dict:
+    """Everything a cached row depends on: model, preprocessing settings and the content of every source."""
+    sources = hashlib.sha256()
+    for row in rows:
+        parts = [row.sample_id, row.prompt or ""] + [source_hash(s) for s in (row.target, *row.controls, row.mask) if s]
+        sources.update(json.dumps(parts).encode())
+    return {
+        "model": args.model,
+        "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "resolution": args.resolution,
+        "multi_resolutions": args.multi_resolutions,
+        "target_area": args.target_area,
+        "max_aspect_ratio": args.max_aspect_ratio,
+        "max_sequence_length": args.max_sequence_length if args.model == "flux_kontext" else None,
+        "rows": len(rows),
+        "sources_sha256": sources.hexdigest(),
+    }
+
+
+def cache_row(prepared, encoded: dict) -> dict:  # noqa: ANN001 - a common.data.PreparedSample
+    """One Arrow row: the encoded tensors plus shapes on the packed token grid (target first) and the sources."""
+    latents = [encoded["target_latents"], *encoded["control_latents"]]
+    return {
+        **encoded,
+        "sample_id": prepared.sample_id,
+        "mask": prepared.mask,
+        "img_shapes": [[1, lat.shape[-2] // 2, lat.shape[-1] // 2] for lat in latents],
+        "sources": prepared.sources,
+    }
+
+
+def main(args: argparse.Namespace) -> None:
+    """Encode this process's share of the rows, then (main process) merge-check and finalize the cache."""
+    accelerator = Accelerator()
+    policy = resolution_policy(args, args.model)
+    rows = read_rows(
+        args.dataset,
+        image_column=args.image_column,
+        control_column=args.control_column,
+        caption_column=args.caption_column,
+        mask_column=args.mask_column,
+    )
+    settings = fingerprint(args, rows)
+    # Process 0 clears an old cache on --rebuild_cache before the others open theirs.
+    with accelerator.main_process_first():
+        writer = CacheWriter(
+            args.cache_dir,
+            settings,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            shard_size=args.shard_size,
+            rebuild=args.rebuild_cache and accelerator.is_main_process,
+        )
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    encoders = load_encoders(
+        args.model,
+        args.pretrained_model_name_or_path,
+        device=accelerator.device,
+        dtype=dtype,
+        revision=args.revision,
+        max_sequence_length=args.max_sequence_length,
+    )
+    done = writer.done_indices()
+    mine = [r for r in rows[accelerator.process_index :: accelerator.num_processes] if r.index not in done]
+    skipped = []
+    with writer:
+        for row in tqdm(mine, desc="encoding", disable=not accelerator.is_local_main_process):
+            try:
+                prepared = prepare_sample(row, args.model, policy, require_control=args.model != "flux_kontext")
+            except BadSampleError as error:
+                if not args.skip_bad_samples:
+                    raise
+                writer.skip(row.index, row.sample_id, str(error))
+                skipped.append(f"{row.sample_id}: {error}")
+                continue
+            encoded = encoders.encode(prepared)
+            if args.model != "flux_kontext":
+                # Qwen's text embedding sees the control images, so the caption-dropout embedding is per row.
+                encoded["empty_prompt_embeds"] = encoders.encode_prompt("", prepared.condition_images)["prompt_embeds"]
+            writer.add(row.index, cache_row(prepared, encoded))
+    skipped = gather_object(skipped)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        # FLUX text embeddings do not depend on the images, so one empty-prompt embedding serves caption dropout.
+        extra = {}
+        if args.model == "flux_kontext":
+            save_tensors_atomic(f"{args.cache_dir}/{EMPTY_PROMPT_FILE}", encoders.encode_prompt("", []))
+            extra["empty_prompt"] = EMPTY_PROMPT_FILE
+        finalize_cache(args.cache_dir, settings, len(rows), extra=extra)
+        if skipped:
+            print(f"skipped {len(skipped)} bad sample(s):\n  " + "\n  ".join(skipped))
+        print(f"cache written to {args.cache_dir}: {len(rows) - len(skipped)} rows")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,135 @@
+"""precompute_cache.py end to end on the tiny kit: cached tensors equal a fresh encode of the same sample."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import precompute_cache
+from common.cache import FingerprintMismatch, cache_info, load_cache, unflatten_row
+from common.cli import resolution_policy
+from common.data import prepare_sample, read_rows
+from common.encoders import load_encoders
+
+SIZES = [(96, 64), (64, 64), (48, 112), (80, 48)]  # (width, height) of targets; controls get other sizes
+
+
+def write_folder(root: Path, controls: int = 1, corrupt: str | None = None) -> Path:
+    """A folder dataset (stem.png + stem.txt + stem_control[_k].png) of random images of several aspect ratios."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, (w, h) in enumerate(SIZES):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"s{i}.png")
+        (root / f"s{i}.txt").write_text(f"make sample {i} brighter" + " please" * i)
+        for k in range(controls):
+            suffix = "_control" if controls == 1 else f"_control_{k}"
+            Image.fromarray(rng.integers(0, 255, (h + 16 * k, w, 3), dtype=np.uint8)).save(root / f"s{i}{suffix}.png")
+    if corrupt:
+        (root / corrupt).write_bytes(b"not a png")
+    return root
+
+
+def run(model: str, checkpoint: Path, dataset: Path, cache: Path, *extra: str) -> list[str]:
+    argv = ["--model", model, "--pretrained_model_name_or_path", str(checkpoint), "--dataset", str(dataset)]
+    argv += ["--cache_dir", str(cache), "--multi_resolutions", "48*48", "64*96", "--shard_size", "2", *extra]
+    precompute_cache.main(precompute_cache.parse_args(argv))
+    return argv
+
+
+@pytest.mark.parametrize(
+    ("model", "kit", "controls"), [("flux_kontext", "flux_kontext", 1), ("qwen_edit_plus", "qwen_edit_plus", 2)]
+)
+def test_cached_rows_equal_fresh_encode(tmp_path, tiny_checkpoint, model, kit, controls):
+    dataset = write_folder(tmp_path / "data", controls)
+    argv = run(model, tiny_checkpoint(kit), dataset, tmp_path / "cache")
+    args = precompute_cache.parse_args(argv)
+    rows = read_rows(dataset)
+    cached = load_cache(tmp_path / "cache", precompute_cache.fingerprint(args, rows))
+    assert len(cached) == len(SIZES) and cached[0]["version"] == "2.0"
+    encoders = load_encoders(model, str(tiny_checkpoint(kit)))
+    policy = resolution_policy(args, model)
+    for row, record in zip(rows, cached, strict=True):
+        prepared = prepare_sample(row, model, policy, require_control=model != "flux_kontext")
+        fresh = encoders.encode(prepared)
+        got = unflatten_row(record)
+        for key in ("target_latents", "prompt_embeds"):
+            assert torch.equal(got[key], fresh[key]), key
+        assert len(got["control_latents"]) == controls
+        assert all(torch.equal(a, b) for a, b in zip(got["control_latents"], fresh["control_latents"], strict=True))
+        assert got["img_shapes"][0] == [1, prepared.target.shape[1] // 16, prepared.target.shape[2] // 16]
+        if model == "flux_kontext":
+            assert torch.equal(got["pooled_prompt_embeds"], fresh["pooled_prompt_embeds"])
+        else:
+            empty = encoders.encode_prompt("", prepared.condition_images)["prompt_embeds"]
+            assert torch.equal(got["empty_prompt_embeds"], empty)
+    assert len({tuple(r["img_shapes"][0]) for r in cached}) > 1, "the set must mix target sizes"
+
+
+def test_changed_settings_are_refused_and_rebuild_redoes(tmp_path, tiny_checkpoint):
+    dataset = write_folder(tmp_path / "data")
+    argv = run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache")
+    args = precompute_cache.parse_args(argv[:-5] + ["--multi_resolutions", "64*64", "--shard_size", "2"])
+    wanted = precompute_cache.fingerprint(args, read_rows(dataset))
+    with pytest.raises(FingerprintMismatch, match="multi_resolutions"):
+        load_cache(tmp_path / "cache", wanted)
+    with pytest.raises(FingerprintMismatch, match="multi_resolutions"):
+        precompute_cache.main(args)
+    precompute_cache.main(precompute_cache.parse_args([*args_list(args), "--rebuild_cache"]))
+    assert len(load_cache(tmp_path / "cache", wanted)) == len(SIZES)
+
+
+def args_list(args) -> list[str]:
+    return [
+        "--model",
+        args.model,
+        "--pretrained_model_name_or_path",
+        args.pretrained_model_name_or_path,
+        "--dataset",
+        args.dataset,
+        "--cache_dir",
+        args.cache_dir,
+        "--multi_resolutions",
+        *args.multi_resolutions,
+    ]
+
+
+def test_bad_image_names_row_and_file_or_is_skipped(tmp_path, tiny_checkpoint, capsys):
+    dataset = write_folder(tmp_path / "data", corrupt="s2_control.png")
+    with pytest.raises(ValueError, match=r"s2.*s2_control\.png"):
+        run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache")
+    run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache2", "--skip_bad_samples")
+    assert "skipped 1 bad sample(s)" in capsys.readouterr().out
+    assert len(load_cache(tmp_path / "cache2")) == len(SIZES) - 1
+    assert [s["sample_id"] for s in cache_info(tmp_path / "cache2")["skipped"]] == ["s2"]
+
+
+def test_two_processes_equal_one(tmp_path, tiny_checkpoint):
+    """Both caches come from torchrun so each process computes with the same thread count (CPU kernels round
+    differently with different thread counts)."""
+    dataset = write_folder(tmp_path / "data")
+    root = Path(__file__).parents[1]
+    # `accelerate launch --cpu --num_processes 2` starts one process unless MPI is installed; torchrun with
+    # ACCELERATE_USE_CPU gives accelerate a real gloo process group on CPU.
+    env = {**os.environ, "PYTHONPATH": str(root), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    caches = {}
+    for processes in (1, 2):
+        caches[processes] = tmp_path / f"cache{processes}"
+        argv = ["--model", "flux_kontext", "--pretrained_model_name_or_path", str(tiny_checkpoint("flux_kontext"))]
+        argv += ["--dataset", str(dataset), "--cache_dir", str(caches[processes]), "--shard_size", "2"]
+        argv += ["--multi_resolutions", "48*48", "64*96"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "precompute_cache.py"]
+        subprocess.run(cmd + argv, check=True, cwd=root, env=env, capture_output=True)
+    assert len(list(caches[2].glob("shard-p001-*.arrow"))) > 0, "the second process must have written shards"
+    a, b = load_cache(caches[1]), load_cache(caches[2])
+    assert len(a) == len(b) == len(SIZES)
+    for x, y in zip(a, b, strict=True):
+        ux, uy = unflatten_row(x), unflatten_row(y)
+        assert ux["sample_id"] == uy["sample_id"]
+        for key in ("target_latents", "prompt_embeds", "pooled_prompt_embeds"):
+            assert torch.equal(ux[key], uy[key]), key
+        assert all(torch.equal(p, q) for p, q in zip(ux["control_latents"], uy["control_latents"], strict=True))
