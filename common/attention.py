@@ -106,6 +106,16 @@ def mixed_attention(query: Tensor, key: Tensor, value: Tensor, mixed: MixedAtten
     return _scatter_packed(packed, query, mixed.index)
 
 
+class WrappingProcessor:
+    """Base of the mixed-batch processors: keeps the stock processor it replaced, for calls without `mixed`."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, stock: object) -> None:
+        self.stock = stock
+
+
 class RopeOverride(nn.Module):
     """Stands in for a model's position embedder: returns the armed per-sample tables once, else defers to stock."""
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from common.attention import (
     MixedAttention,
+    WrappingProcessor,
     apply_rope_real,
     base_model,
     install,
@@ -21,14 +22,8 @@ from common.attention import (
 from common.padding import pad_sequences, unpad
 
 
-class FluxMixedAttnProcessor:
+class FluxMixedAttnProcessor(WrappingProcessor):
     """`FluxAttnProcessor` with per-sample rotary tables and padding-aware attention; stock behaviour otherwise."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, stock: FluxAttnProcessor) -> None:
-        self.stock = stock
 
     def __call__(
         self,

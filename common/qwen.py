@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from common.attention import (
     MixedAttention,
+    WrappingProcessor,
     apply_rope_complex,
     base_model,
     install,
@@ -25,14 +26,8 @@ from common.padding import pad_sequences, unpad
 ImgShapes = list[tuple[int, int, int]]
 
 
-class QwenMixedAttnProcessor:
+class QwenMixedAttnProcessor(WrappingProcessor):
     """`QwenDoubleStreamAttnProcessor2_0` with per-sample rotary tables and padding-aware attention."""
-
-    _attention_backend = None
-    _parallel_config = None
-
-    def __init__(self, stock: QwenDoubleStreamAttnProcessor2_0) -> None:
-        self.stock = stock
 
     def __call__(
         self,

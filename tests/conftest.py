@@ -9,6 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from peft import LoraConfig  # noqa: E402
 
 from common.tiny import write_tiny  # noqa: E402
 
@@ -43,3 +44,47 @@ def lora_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||."""
     return ((a - b).norm() / b.norm()).item()
+
+
+def check_lora_gradients(
+    transformer, backend, checkpointing, install, padded_forward, stock_single, batch, input_module
+):
+    """Mixed-batch LoRA gradients equal the sum of per-sample stock gradients; padding gets exactly zero gradient.
+
+    Returns the mixed-batch LoRA gradients so the caller can check which tensors were adapted.
+    """
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    randomize_lora(transformer)
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    install(transformer, backend)
+    for h in batch["hidden_states"]:
+        h.requires_grad_(True)
+    captured = {}
+
+    def keep_padded_input(module, args):
+        args[0].retain_grad()
+        captured["input"] = args[0]
+
+    hook = input_module.register_forward_pre_hook(keep_padded_input)
+    out, valid = padded_forward(transformer, **batch)
+    hook.remove()
+    assert torch.equal(out[~valid], torch.zeros_like(out[~valid])), "padded outputs must be exactly zero"
+    g = torch.Generator().manual_seed(1)
+    weights = [torch.randn(h.shape[0], out.shape[-1], generator=g) for h in batch["hidden_states"]]
+    sum((o[: w.shape[0]] * w).sum() for o, w in zip(out, weights, strict=True)).backward()
+    padded_input_grad = captured["input"].grad
+    assert torch.equal(padded_input_grad[~valid], torch.zeros_like(padded_input_grad[~valid]))
+    assert padded_input_grad[valid].abs().sum() > 0
+    mixed = lora_grads(transformer)
+
+    transformer.zero_grad()
+    for i, w in enumerate(weights):
+        (stock_single(transformer, batch, i) * w).sum().backward()
+    summed = lora_grads(transformer)
+    for name, grad in mixed.items():
+        assert summed[name].abs().sum() > 0, name
+        assert relative_error(grad, summed[name]) <= 1e-5, name
+    return mixed

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import lora_grads, randomize_lora, relative_error
+from conftest import check_lora_gradients
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
-from peft import LoraConfig
 
 from common.attention import available_backends
 from common.flux import image_ids, install_mixed, mixed_forward, padded_forward
@@ -109,41 +108,9 @@ def test_stock_calls_unchanged_after_install(transformer):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, backend, checkpointing):
-    transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    randomize_lora(transformer)
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
-    install_mixed(transformer, backend)
     batch = make_batch(MIXED)
-    g = torch.Generator().manual_seed(1)
-    for h in batch["hidden_states"]:
-        h.requires_grad_(True)
-    weights = [torch.randn(h.shape[0], 64, generator=g) for h in batch["hidden_states"]]
-
-    captured = {}
-
-    def keep_padded_input(module, args):
-        args[0].retain_grad()
-        captured["input"] = args[0]
-
-    hook = transformer.x_embedder.register_forward_pre_hook(keep_padded_input)
-    out, valid = padded_forward(transformer, **batch)
-    hook.remove()
-    assert torch.equal(out[~valid], torch.zeros_like(out[~valid])), "padded outputs must be exactly zero"
-    sum((o[: w.shape[0]] * w).sum() for o, w in zip(out, weights, strict=True)).backward()
-    padded_input_grad = captured["input"].grad
-    assert torch.equal(padded_input_grad[~valid], torch.zeros_like(padded_input_grad[~valid]))
-    assert padded_input_grad[valid].abs().sum() > 0
-    mixed = lora_grads(transformer)
-
-    transformer.zero_grad()
-    for i, w in enumerate(weights):
-        (stock_single(transformer, batch, i) * w).sum().backward()
-    summed = lora_grads(transformer)
+    grads = check_lora_gradients(
+        transformer, backend, checkpointing, install_mixed, padded_forward, stock_single, batch, transformer.x_embedder
+    )
     # A and B of 4 adapted projections in each double block, of 3 in each single block (it has no to_out).
-    assert len(mixed) == 8 * transformer.config.num_layers + 6 * transformer.config.num_single_layers
-    for name, grad in mixed.items():
-        assert summed[name].abs().sum() > 0, name
-        assert relative_error(grad, summed[name]) <= 1e-5, name
+    assert len(grads) == 8 * transformer.config.num_layers + 6 * transformer.config.num_single_layers
