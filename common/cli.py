@@ -2,14 +2,15 @@
 
 import argparse
 
+from common.flow_matching import TIMESTEP_SAMPLING
 from common.resolution import ResolutionPolicy
 
 MODELS = ("flux_kontext", "qwen_edit", "qwen_edit_plus")
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--pretrained_model_name_or_path and --revision, as in the diffusers examples."""
-    parser.add_argument("--pretrained_model_name_or_path", required=True, help="hub name or local folder")
+def add_model_args(parser: argparse.ArgumentParser, demo: bool = False) -> None:
+    """--pretrained_model_name_or_path and --revision, as in the diffusers examples (optional with a --demo)."""
+    parser.add_argument("--pretrained_model_name_or_path", required=not demo, help="hub name or local folder")
     parser.add_argument("--revision", default=None, help="model revision on the hub")
 
 
@@ -45,3 +46,78 @@ def resolution_policy(args: argparse.Namespace, model: str) -> ResolutionPolicy:
         target_area=args.target_area,
         max_aspect_ratio=args.max_aspect_ratio,
     )
+
+
+def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, ...]) -> None:
+    """The trainers' shared flags, named as in the diffusers examples; `lora_targets` is the model's default set."""
+    out = parser.add_argument_group("output and logging")
+    out.add_argument("--output_dir", default="output", help="LoRA weights, checkpoints, metrics and config")
+    out.add_argument("--report_to", default="wandb", choices=["wandb", "tensorboard", "none"])
+    out.add_argument("--tracker_project_name", default="edit-lora")
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="save the training state every N steps")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    out.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
+    out.add_argument("--export_comfyui", action="store_true", help="also write the LoRA with ComfyUI keys")
+    out.add_argument("--validation_steps", type=int, default=None, help="sample validation images every N steps")
+    out.add_argument("--validation_prompts", nargs="+", default=None, help="one prompt per validation image")
+    out.add_argument("--validation_images", nargs="+", default=None, help="control image(s) of the validation set")
+    out.add_argument("--validation_inference_steps", type=int, default=28)
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train_batch_size", type=int, default=1, help="samples per process and micro-step")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
+    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--lr_scheduler", default="constant", help="any diffusers.optimization scheduler name")
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--adam_beta1", type=float, default=0.9)
+    train.add_argument("--adam_beta2", type=float, default=0.999)
+    train.add_argument("--adam_weight_decay", type=float, default=1e-4)
+    train.add_argument("--adam_epsilon", type=float, default=1e-8)
+    train.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes AdamW8bit")
+    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="default: accelerate's")
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--attention_backend", default="auto", choices=["auto", "masked", "split", "varlen"])
+    train.add_argument("--group_by_length", action="store_true", help="batch samples of similar token counts")
+    train.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--rank", type=int, default=16)
+    lora.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank")
+    lora.add_argument("--lora_target_modules", nargs="+", default=list(lora_targets))
+
+    flow = parser.add_argument_group("flow matching")
+    flow.add_argument("--timestep_sampling", default="shift", choices=TIMESTEP_SAMPLING)
+    flow.add_argument("--logit_mean", type=float, default=0.0)
+    flow.add_argument("--logit_std", type=float, default=1.0)
+    flow.add_argument("--sigmoid_scale", type=float, default=1.0)
+    flow.add_argument("--caption_dropout", type=float, default=0.0, help="train on the empty prompt this often")
+    flow.add_argument("--control_dropout", type=float, default=0.0, help="mask out the references this often")
+    flow.add_argument("--mask_loss_weight", type=float, default=1.0, help="loss weight of edit-mask tokens (rest 1)")
+    flow.add_argument("--demo", action="store_true", help="build a tiny model and data set under ./demo and train")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """Reject flag combinations that cannot work, naming the flag (called right after parsing)."""
+    if not args.demo and not args.pretrained_model_name_or_path:
+        raise ValueError("--pretrained_model_name_or_path is required (or use --demo)")
+    if not args.demo and not (args.dataset or args.cache_dir):
+        raise ValueError("give --dataset (encoded on the fly) or --cache_dir (from precompute_cache.py)")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "rank"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("caption_dropout", "control_dropout"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise ValueError(f"--{flag} must lie in [0, 1], got {getattr(args, flag)}")
+    if args.validation_steps and not (args.validation_prompts and args.validation_images):
+        raise ValueError("--validation_steps needs --validation_prompts and --validation_images")
+    if (
+        args.validation_prompts
+        and args.validation_images
+        and len(args.validation_prompts) != len(args.validation_images)
+    ):
+        raise ValueError("--validation_prompts and --validation_images must have one entry per validation sample")
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.rank)

@@ -95,12 +95,15 @@ def padded_forward(
     timestep: Tensor,
     txt_ids: Tensor,
     guidance: Tensor | None = None,
+    attend: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`mixed_forward` that returns the padded output (B, N_max, C_out), zero on padding, and its (B, N_max) mask.
 
     Equal layouts take the stock forward unchanged. Mixed layouts are padded; padding is excluded from attention,
     each sample gets its own rotary positions, and padded outputs are zero. `transformer` may be wrapped by
     DDP/accelerate (the call goes through the wrapper so gradients synchronise) and carry a PEFT adapter.
+    `attend[i]`: only sample i's first attend[i] image tokens take part in attention (control dropout: the
+    reference tokens stay in the sequence, so its layout is unchanged, but nothing attends to them).
     """
     model = base_model(transformer)
     common_kwargs = dict(
@@ -111,7 +114,9 @@ def padded_forward(
         guidance=guidance,
         return_dict=False,
     )
-    uniform = _stack_if_uniform(hidden_states, img_ids)
+    lengths = [h.shape[0] for h in hidden_states]
+    attend = lengths if attend is None else attend
+    uniform = _stack_if_uniform(hidden_states, img_ids) if attend == lengths else None
     if uniform is not None:
         stacked, ids = uniform
         out = transformer(hidden_states=stacked, img_ids=ids, **common_kwargs)[0]
@@ -125,10 +130,9 @@ def padded_forward(
     cos, sin = model.pos_embed.stock(joint_ids.flatten(0, 1))
     rope = (cos.view(*joint_ids.shape[:2], -1), sin.view(*joint_ids.shape[:2], -1))
 
-    lengths = [h.shape[0] for h in hidden_states]
     backend = resolve_backend(model._mixed_attention_backend, padded.device, padded.dtype)
     mixed = MixedAttention.from_segments(
-        [[(0, text_len + n)] for n in lengths], joint_ids.shape[1], backend, padded.device
+        [[(0, text_len + n)] for n in attend], joint_ids.shape[1], backend, padded.device
     )
     model.pos_embed.arm(rope)
     try:
@@ -149,12 +153,21 @@ def mixed_forward(
     timestep: Tensor,
     txt_ids: Tensor,
     guidance: Tensor | None = None,
+    attend: list[int] | None = None,
 ) -> list[Tensor]:
     """Run sample i's packed tokens (N_i, C) with its ids (N_i, 3) as if alone; return its output (N_i, C_out).
 
     Target tokens come first, then Kontext reference tokens. See `padded_forward` for how the batch is run.
     """
     out, _ = padded_forward(
-        transformer, hidden_states, img_ids, encoder_hidden_states, pooled_projections, timestep, txt_ids, guidance
+        transformer,
+        hidden_states,
+        img_ids,
+        encoder_hidden_states,
+        pooled_projections,
+        timestep,
+        txt_ids,
+        guidance,
+        attend,
     )
     return unpad(out, [h.shape[0] for h in hidden_states])

@@ -112,6 +112,7 @@ def padded_forward(
     img_shapes: list[ImgShapes],
     encoder_hidden_states: list[Tensor],
     timestep: Tensor,
+    attend: list[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`mixed_forward` that returns the padded output (B, N_max, C_out), zero on padding, and its (B, N_max) mask.
 
@@ -119,6 +120,8 @@ def padded_forward(
     unchanged. Otherwise image and text are padded, padding is excluded from attention, every sample gets its own
     image and text rotary positions, and for `zero_cond_t` checkpoints the reference tokens of every sample are
     modulated with t = 0 as stock does for one sample. `transformer` may be wrapped by DDP/accelerate or PEFT.
+    `attend[i]`: only sample i's first attend[i] image tokens take part in attention (control dropout keeps the
+    reference tokens in place, so the layout is unchanged, but nothing attends to them).
     """
     model = base_model(transformer)
     for i, (h, shapes) in enumerate(zip(hidden_states, img_shapes, strict=True)):
@@ -127,7 +130,9 @@ def padded_forward(
                 f"sample {i}: {h.shape[0]} tokens but img_shapes {shapes} describe {sum(map(prod, shapes))}"
             )
     text_lengths = [e.shape[0] for e in encoder_hidden_states]
-    if all(s == img_shapes[0] for s in img_shapes) and len(set(text_lengths)) == 1:
+    lengths = [h.shape[0] for h in hidden_states]
+    attend = lengths if attend is None else attend
+    if attend == lengths and all(s == img_shapes[0] for s in img_shapes) and len(set(text_lengths)) == 1:
         out = transformer(
             hidden_states=torch.stack(hidden_states),
             encoder_hidden_states=torch.stack(encoder_hidden_states),
@@ -143,8 +148,7 @@ def padded_forward(
     text, _ = pad_sequences(encoder_hidden_states)
     img_len, text_len = padded.shape[1], text.shape[1]
     rope = per_sample_rope(model.pos_embed.stock, img_shapes, img_len, text_len, padded.device)
-    lengths = [h.shape[0] for h in hidden_states]
-    segments = [[(0, t), (text_len, text_len + n)] for t, n in zip(text_lengths, lengths, strict=True)]
+    segments = [[(0, t), (text_len, text_len + n)] for t, n in zip(text_lengths, attend, strict=True)]
     backend = resolve_backend(model._mixed_attention_backend, padded.device, padded.dtype)
     mixed = MixedAttention.from_segments(segments, text_len + img_len, backend, padded.device)
     if model.zero_cond_t:
@@ -173,10 +177,11 @@ def mixed_forward(
     img_shapes: list[ImgShapes],
     encoder_hidden_states: list[Tensor],
     timestep: Tensor,
+    attend: list[int] | None = None,
 ) -> list[Tensor]:
     """Run sample i's tokens (N_i, C), its images (target first, then references) and text (T_i, D) as if alone.
 
     Returns each sample's output (N_i, C_out); see `padded_forward` for how the batch is run.
     """
-    out, _ = padded_forward(transformer, hidden_states, img_shapes, encoder_hidden_states, timestep)
+    out, _ = padded_forward(transformer, hidden_states, img_shapes, encoder_hidden_states, timestep, attend)
     return unpad(out, [h.shape[0] for h in hidden_states])

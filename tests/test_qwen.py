@@ -106,3 +106,23 @@ def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, backend, 
         transformer, backend, checkpointing, install_mixed, padded_forward, stock_single, batch, transformer.img_in
     )
     assert len(grads) == 8 * transformer.config.num_layers
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_control_dropout_keeps_layout_and_equals_target_alone(transformer, backend):
+    """attend = target tokens only: references stay in the sequence, the target sees none of them."""
+    batch = make_batch(MIXED, TEXT_LENGTHS)
+    install_mixed(transformer, backend)
+    targets = [4 * 6, 5 * 3, 2 * 3]
+    attend = [targets[0], targets[1], len(batch["hidden_states"][2])]
+    out, _ = padded_forward(transformer, **batch, attend=attend)
+    assert out.shape[1] == max(len(h) for h in batch["hidden_states"])
+    for i in (0, 1):
+        alone = {
+            **batch,
+            "hidden_states": [h[:n] for h, n in zip(batch["hidden_states"], targets, strict=True)],
+            "img_shapes": [s[:1] for s in batch["img_shapes"]],
+        }
+        assert (out[i, : targets[i]] - stock_single(transformer, alone, i)).abs().max().item() <= 1e-5
+    assert (out[2, : len(batch["hidden_states"][2])] - stock_single(transformer, batch, 2)).abs().max() <= 1e-5

@@ -1,0 +1,134 @@
+"""`--demo`: a tiny random checkpoint and a synthetic mixed-resolution edit set under ./demo, cached and trained.
+
+Everything is real except the weights: the checkpoint is written by `common.tiny` in the hub layout and loaded
+with `from_pretrained`, the data goes through `precompute_cache.py`, and training is the normal loop with
+`--multi_resolutions`, so the demo exercises the path a user's run takes, on CPU in about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from accelerate import PartialState
+from PIL import Image, ImageDraw
+
+from common.tiny import write_tiny
+from common.training import METRICS_FILE, Recipe, train
+
+DEMO_DIR = Path("demo")
+# (width, height) of the targets: several sizes and aspect ratios, so batches mix resolutions.
+SIZES = [(256, 256), (320, 192), (192, 320), (384, 256), (256, 384), (192, 192), (448, 192), (224, 288)]
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
+CONTROLS_PER_ROW = {"flux_kontext": (1,), "qwen_edit": (1,), "qwen_edit_plus": (1, 2, 1, 0)}
+# Runs the exact multi-process accelerate environment strips, so the cache step is a plain single process.
+_DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _scene(size: tuple[int, int], colour: tuple[int, int, int], seed: int) -> Image.Image:
+    """A grey canvas with a few shapes; the first shape (the one edits recolour) gets `colour`."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    width, height = size
+    for k in range(3):
+        x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        box = (int(x0), int(y0), int(x0 + width // 3), int(y0 + height // 3))
+        fill = colour if k == 0 else tuple(int(c) for c in rng.integers(0, 255, 3))
+        (draw.ellipse if k % 2 else draw.rectangle)(box, fill=fill)
+    return image
+
+
+def write_dataset(folder: Path, model: str, rows: int = 32) -> None:
+    """Edit pairs "make the first shape <colour>": stem.png (after), stem_control[_k].png (before), stem.txt."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    for i in range(rows):
+        size = SIZES[i % len(SIZES)]
+        after = names[i % len(names)]
+        before = names[(i + 1) % len(names)]
+        _scene(size, COLOURS[after], seed=i).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(f"make the first shape {after}")
+        count = CONTROLS_PER_ROW[model][i % len(CONTROLS_PER_ROW[model])]
+        for k in range(count):
+            suffix = "_control" if count == 1 else f"_control_{k}"
+            # Extra references have other sizes than the target, as users' reference sets do.
+            ref_size = size if k == 0 else SIZES[(i + 3) % len(SIZES)]
+            _scene(ref_size, COLOURS[before], seed=i if k == 0 else 1000 + i).save(folder / f"{i:03d}{suffix}.png")
+
+
+def prepare_demo(args: argparse.Namespace, model: str) -> None:
+    """Write the tiny checkpoint, data and cache (once, on the main process) and point `args` at them."""
+    root = DEMO_DIR.resolve()
+    os.environ.setdefault("WANDB_MODE", "offline")
+    args.pretrained_model_name_or_path = str(root / "model" / model)
+    args.dataset = str(root / "data" / model)
+    args.cache_dir = str(root / "cache" / model)
+    args.output_dir = str(root / "output" / model)
+    args.multi_resolutions = ["128*128", "192*192", "256*256"]
+    args.max_train_steps, args.checkpointing_steps, args.train_batch_size = 30, 10, 4
+    args.learning_rate, args.rank, args.lora_alpha = 1e-3, 4, 4.0
+    args.control_dropout = args.control_dropout or 0.1
+    with PartialState().main_process_first():
+        if PartialState().is_main_process:
+            if not (Path(args.pretrained_model_name_or_path) / "model_index.json").exists():
+                write_tiny(model, args.pretrained_model_name_or_path)
+            if not Path(args.dataset).exists():
+                write_dataset(Path(args.dataset), model)
+            env = {k: v for k, v in os.environ.items() if k not in _DISTRIBUTED_ENV}
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve().parent.parent / "precompute_cache.py"),
+                f"--model={model}",
+                f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path}",
+                f"--dataset={args.dataset}",
+                f"--cache_dir={args.cache_dir}",
+                "--multi_resolutions",
+                *args.multi_resolutions,
+            ]
+            subprocess.run(command, check=True, env=env)
+
+
+def plot_metrics(metrics_file: Path, out_file: Path) -> Path:
+    """PNG of loss and padding ratio per step, from the run's metrics.jsonl."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in records]
+    figure, (loss_axis, pad_axis) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    loss_axis.plot(steps, [r["loss"] for r in records])
+    loss_axis.set_ylabel("loss")
+    pad_axis.plot(steps, [r["padding_ratio"] for r in records], color="tab:orange")
+    pad_axis.set_ylabel("padding ratio")
+    pad_axis.set_xlabel("step")
+    figure.tight_layout()
+    figure.savefig(out_file)
+    plt.close(figure)
+    return out_file
+
+
+def report_demo(args: argparse.Namespace, lora_file: Path) -> None:
+    """Plot the run and say where its outputs are (main process)."""
+    if not PartialState().is_main_process:
+        return
+    output_dir = Path(args.output_dir)
+    plot = plot_metrics(output_dir / METRICS_FILE, output_dir / "training_curves.png")
+    metrics = output_dir / METRICS_FILE
+    print(f"demo finished:\n  LoRA weights: {lora_file}\n  loss / padding plot: {plot}\n  metrics: {metrics}")
+
+
+def run(args: argparse.Namespace, recipe: Recipe) -> Path:
+    """A trainer's main: train as the flags say; with --demo, build the demo inputs first and plot afterwards."""
+    if args.demo:
+        prepare_demo(args, recipe.model)
+    lora_file = train(args, recipe)
+    if args.demo:
+        report_demo(args, lora_file)
+    return lora_file

@@ -1,0 +1,60 @@
+"""LoRA adapters on the stock transformer: add, save in the pipelines' own format, load back for resume."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.training_utils import _collate_lora_metadata, cast_training_params
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from common.attention import base_model
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
+
+
+def add_lora(transformer: nn.Module, rank: int, alpha: float, target_modules: list[str]) -> list[nn.Parameter]:
+    """Freeze the base weights, add a LoRA adapter, keep its weights in float32; returns the trainable parameters."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
+    )
+    cast_training_params(transformer, dtype=torch.float32)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"--lora_target_modules {target_modules} matched no module of the transformer")
+    return params
+
+
+def save_lora(pipeline_class: type[DiffusionPipeline], transformer: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write `pytorch_lora_weights.safetensors` with the pipeline's `save_lora_weights` (diffusers keys, adapter
+    config in the metadata), through a temporary folder and a rename so a crash never leaves half a file."""
+    model = base_model(transformer)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".lora-") as tmp:
+        pipeline_class.save_lora_weights(
+            tmp,
+            transformer_lora_layers=get_peft_model_state_dict(model),
+            **_collate_lora_metadata({"transformer": model}),
+        )
+        os.replace(Path(tmp) / LORA_FILE, directory / LORA_FILE)
+    return directory / LORA_FILE
+
+
+def load_lora(pipeline_class: type[DiffusionPipeline], transformer: nn.Module, directory: str | os.PathLike) -> None:
+    """Load weights written by `save_lora` into the adapter of `transformer` (exact copy, for resume)."""
+    state = pipeline_class.lora_state_dict(str(directory))
+    state = state[0] if isinstance(state, tuple) else state
+    prefix = "transformer."
+    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    incompatible = set_peft_model_state_dict(base_model(transformer), state, adapter_name="default")
+    unexpected = getattr(incompatible, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"LoRA weights in {directory} do not fit this adapter: unexpected keys {unexpected[:5]}")
