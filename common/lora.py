@@ -19,12 +19,23 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
 
 
-def add_lora(transformer: nn.Module, rank: int, alpha: float, target_modules: list[str]) -> list[nn.Parameter]:
-    """Freeze the base weights, add a LoRA adapter, keep its weights in float32; returns the trainable parameters."""
+def add_lora(
+    transformer: nn.Module, rank: int, alpha: float, target_modules: list[str], exclude_modules: list[str] = ()
+) -> list[nn.Parameter]:
+    """Freeze the base weights, add a LoRA adapter, keep its weights in float32; returns the trainable parameters.
+
+    `exclude_modules`: full names of matching modules to leave alone, e.g. ones whose output never reaches the
+    loss (their LoRA would get no gradient, which DDP rejects).
+    """
     transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights="gaussian",
+        target_modules=target_modules,
+        exclude_modules=list(exclude_modules) or None,
     )
+    transformer.add_adapter(config)
     cast_training_params(transformer, dtype=torch.float32)
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:

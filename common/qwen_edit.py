@@ -52,6 +52,13 @@ def predict(transformer: nn.Module, batch: NoisyBatch, args: argparse.Namespace)
     return [o[: n.shape[0]] for o, n in zip(out, batch.noisy, strict=True)]
 
 
+def unused_modules(transformer: nn.Module) -> list[str]:
+    """The last block's text queries and text outputs: the model returns image tokens only, so they never reach
+    the loss (text keys and values still do, through the image tokens' attention)."""
+    last = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}"
+    return [f"{last}.{name}" for name in ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")]
+
+
 def recipe(model: str, pipeline_class: type[DiffusionPipeline]) -> Recipe:
     """The training recipe of one Qwen-Image-Edit variant."""
     return Recipe(
@@ -61,4 +68,5 @@ def recipe(model: str, pipeline_class: type[DiffusionPipeline]) -> Recipe:
         lora_targets=LORA_TARGETS,
         install_mixed=qwen.install_mixed,
         predict=predict,
+        unused_modules=unused_modules,
     )

@@ -67,6 +67,7 @@ class Recipe:
     lora_targets: tuple[str, ...]
     install_mixed: Callable[[nn.Module, str], None]
     predict: Callable[[nn.Module, NoisyBatch, argparse.Namespace], list[Tensor]]  # -> (N_i, C) target predictions
+    unused_modules: Callable[[nn.Module], list[str]] = lambda transformer: []  # outputs that never reach the loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -274,7 +275,9 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
     )
     recipe.install_mixed(transformer, args.attention_backend)
-    params = add_lora(transformer, args.rank, args.lora_alpha, args.lora_target_modules)
+    params = add_lora(
+        transformer, args.rank, args.lora_alpha, args.lora_target_modules, recipe.unused_modules(transformer)
+    )
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

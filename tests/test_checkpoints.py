@@ -1,0 +1,45 @@
+"""common.checkpoints: atomic checkpoint folders, rotation and what --resume_from_checkpoint resolves to."""
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from common.checkpoints import checkpoints, resolve_resume, save_checkpoint, step_of
+
+
+def test_only_finished_checkpoints_count(tmp_path):
+    for name in ("checkpoint-10", "checkpoint-2", ".checkpoint-12.tmp", "checkpoint-x", "logs"):
+        (tmp_path / name).mkdir()
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-10"]
+    assert resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-10"
+    assert resolve_resume(tmp_path, "checkpoint-2") == tmp_path / "checkpoint-2"
+    assert resolve_resume(tmp_path, None) is None
+    assert resolve_resume(tmp_path / "empty", "latest") is None
+    assert step_of(tmp_path / "checkpoint-10") == 10
+    with pytest.raises(FileNotFoundError, match="checkpoint-7"):
+        resolve_resume(tmp_path, "checkpoint-7")
+
+
+class Counter:
+    def __init__(self):
+        self.value = 0
+
+    def state_dict(self):
+        return {"value": self.value}
+
+    def load_state_dict(self, state):
+        self.value = state["value"]
+
+
+def test_save_rotates_and_restores_registered_state(tmp_path):
+    accelerator = Accelerator(cpu=True)
+    counter = Counter()
+    optimizer = accelerator.prepare(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1))
+    accelerator.register_for_checkpointing(counter)
+    for step in (1, 2, 3):
+        counter.value = step
+        save_checkpoint(accelerator, tmp_path, step, total_limit=2)
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    accelerator.load_state(str(tmp_path / "checkpoint-2"))
+    assert counter.value == 2 and optimizer is not None

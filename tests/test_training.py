@@ -1,0 +1,119 @@
+"""common.training: per-sample draws, dropout semantics and the resumable micro-batch stream."""
+
+import argparse
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from torch.utils.data import DataLoader
+
+from common.sampler import RandomBatchSampler, collate_ragged
+from common.training import TrainState, make_noisy_batch, micro_batches
+from common.training_data import TrainingData
+
+
+def args(**overrides):
+    values = dict(
+        seed=3,
+        caption_dropout=0.0,
+        control_dropout=0.0,
+        timestep_sampling="shift",
+        logit_mean=0.0,
+        logit_std=1.0,
+        sigmoid_scale=1.0,
+        mask_loss_weight=1.0,
+    )
+    return argparse.Namespace(**{**values, **overrides})
+
+
+def rows():
+    """Collated Qwen-style rows: 2x2 and 3x2 token targets, the first with two references, the second none."""
+    g = torch.Generator().manual_seed(0)
+    latents = lambda h, w: torch.randn(4, 2 * h, 2 * w, generator=g)  # noqa: E731
+    items = [
+        dict(
+            index=5,
+            sample_id="a",
+            target_latents=latents(2, 2),
+            control_latents=[latents(1, 3), latents(2, 1)],
+            prompt_embeds=torch.randn(6, 8, generator=g),
+            empty_prompt_embeds=torch.randn(4, 8, generator=g),
+            mask=torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+            img_shapes=[[1, 2, 2], [1, 1, 3], [1, 2, 1]],
+        ),
+        dict(
+            index=9,
+            sample_id="b",
+            target_latents=latents(3, 2),
+            control_latents=[],
+            prompt_embeds=torch.randn(3, 8, generator=g),
+            empty_prompt_embeds=torch.randn(4, 8, generator=g),
+            mask=None,
+            img_shapes=[[1, 3, 2]],
+        ),
+    ]
+    return collate_ragged(items)
+
+
+@pytest.fixture
+def scheduler():
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+
+
+def noisy(batch, scheduler, epoch=0, **overrides):
+    data = TrainingData(dataset=None, lengths=[], empty_prompt=None, cached=True)
+    return make_noisy_batch(batch, epoch, args(**overrides), scheduler, data, torch.device("cpu"), torch.float32)
+
+
+def test_layout_and_targets(scheduler):
+    batch = rows()
+    nb, targets, weights = noisy(batch, scheduler)
+    assert [n.shape for n in nb.noisy] == [(4, 16), (6, 16)]
+    assert [[r.shape[0] for r in refs] for refs in nb.references] == [[3, 2], []]
+    assert nb.attend == [4 + 3 + 2, 6] and weights is None
+    assert nb.img_shapes == [[(1, 2, 2), (1, 1, 3), (1, 2, 1)], [(1, 3, 2)]]
+    # noisy = (1 - s) x0 + s eps and target = eps - x0  =>  x0 = noisy - s * target.
+    for n, t, s, lat in zip(nb.noisy, targets, nb.sigmas, batch["target_latents"], strict=True):
+        x0 = lat.view(4, lat.shape[1] // 2, 2, lat.shape[2] // 2, 2).permute(1, 3, 0, 2, 4).reshape(-1, 16)
+        assert torch.allclose(n - s * t, x0, atol=1e-5)
+
+
+def test_draws_depend_on_the_sample_not_the_batch(scheduler):
+    batch = rows()
+    single = {k: v[1:] for k, v in batch.items()}
+    both, alone = noisy(batch, scheduler)[0], noisy(single, scheduler)[0]
+    assert torch.equal(both.noisy[1], alone.noisy[0]) and both.sigmas[1] == alone.sigmas[0]
+    assert not torch.equal(noisy(batch, scheduler, epoch=1)[0].noisy[1], both.noisy[1])
+
+
+def test_control_dropout_masks_references_but_keeps_the_layout(scheduler):
+    batch = rows()
+    kept, dropped = noisy(batch, scheduler)[0], noisy(batch, scheduler, control_dropout=1.0)[0]
+    assert dropped.attend == [4, 6]  # target tokens only; sample b had no references to drop
+    assert [len(r) for r in dropped.references] == [len(r) for r in kept.references]
+    assert all(torch.equal(a, b) for a, b in zip(kept.noisy, dropped.noisy, strict=True))
+
+
+def test_caption_dropout_uses_the_rows_empty_prompt(scheduler):
+    batch = rows()
+    dropped = noisy(batch, scheduler, caption_dropout=1.0)[0]
+    assert all(torch.equal(p, e) for p, e in zip(dropped.prompt_embeds, batch["empty_prompt_embeds"], strict=True))
+
+
+def test_edit_mask_weights_the_loss(scheduler):
+    _, _, weights = noisy(rows(), scheduler, mask_loss_weight=3.0)
+    assert weights[0].tolist() == [3.0, 1.0, 1.0, 1.0] and weights[1].tolist() == [1.0] * 6
+
+
+def test_micro_batches_resume_where_the_state_says():
+    lengths = list(range(1, 8))
+    loader = DataLoader([{"index": i} for i in range(7)], batch_sampler=RandomBatchSampler(lengths, 2, seed=1))
+    loader.collate_fn = collate_ragged
+    state = TrainState()
+    stream = micro_batches(loader, state)
+    full = [next(stream) for _ in range(9)]  # crosses into the second epoch (4 batches per epoch)
+    assert [e for e, _ in full] == [0] * 4 + [1] * 4 + [2]
+    resumed_state = TrainState()
+    resumed_state.load_state_dict({"step": 0, "epoch": 1, "batches_done": 1})
+    resumed = micro_batches(loader, resumed_state)
+    assert [next(resumed)[1]["index"] for _ in range(4)] == [b["index"] for _, b in full[5:9]]

@@ -1,0 +1,254 @@
+"""Shared body of the trainer CLI tests (one test module per script calls these with its model)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
+from safetensors.torch import load_file
+
+import precompute_cache
+from common.demo import write_dataset
+from common.lora import COMFYUI_FILE, LORA_FILE
+from common.training import METRICS_FILE, TrainingDiverged
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = {
+    "flux_kontext": "train_flux_kontext",
+    "qwen_edit": "train_qwen_edit",
+    "qwen_edit_plus": "train_qwen_edit_plus",
+}
+PIPELINES = {
+    "flux_kontext": FluxKontextPipeline,
+    "qwen_edit": QwenImageEditPipeline,
+    "qwen_edit_plus": QwenImageEditPlusPipeline,
+}
+RESOLUTIONS = ["64*64", "128*128", "192*192"]
+# One thread and no tokenizer threads: CPU results are then bitwise reproducible across processes.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+def dataset(root: Path, model: str, rows: int = 8) -> Path:
+    """The demo's synthetic edit set (several sizes and aspect ratios; Plus rows with 0, 1 and 2 controls)."""
+    folder = root / "data"
+    if not folder.exists():
+        write_dataset(folder, model, rows=rows)
+    return folder
+
+
+def data_flags(model: str, checkpoint: Path, data: Path, *extra: str) -> list[str]:
+    """Flags shared by precompute_cache.py and the trainer."""
+    flags = ["--pretrained_model_name_or_path", str(checkpoint), "--dataset", str(data)]
+    flags += ["--multi_resolutions", *RESOLUTIONS, *extra]
+    return flags + (["--max_sequence_length", "32"] if model == "flux_kontext" else [])
+
+
+def precompute(model: str, flags: list[str], cache: Path) -> Path:
+    """Write the cache for these flags (in-process)."""
+    precompute_cache.main(precompute_cache.parse_args(["--model", model, *flags, "--cache_dir", str(cache)]))
+    return cache
+
+
+def train_flags(out: Path, *extra: str) -> list[str]:
+    """A short tiny run: 4 steps of 3 samples, checkpoints every 2 steps, no tracker."""
+    return [
+        "--output_dir", str(out), "--train_batch_size", "3", "--max_train_steps", "4", "--checkpointing_steps", "2",
+        "--learning_rate", "1e-3", "--rank", "4", "--report_to", "none", "--seed", "7", *extra,
+    ]  # fmt: skip
+
+
+def train_inprocess(model: str, argv: list[str]) -> Path:
+    """Run the script's parse_args + run in this process; returns the LoRA file."""
+    script = importlib.import_module(SCRIPTS[model])
+    from common.demo import run
+
+    parse = script.parse_args if model == "flux_kontext" else lambda a: script.parse_args("", a)
+    return run(parse(argv), script.RECIPE)
+
+
+def command(model: str, argv: list[str], processes: int = 1) -> list[str]:
+    """The script as a real process: plain python, or torchrun with `processes` CPU ranks."""
+    script = str(ROOT / f"{SCRIPTS[model]}.py")
+    if processes == 1:
+        return [sys.executable, script, *argv]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", script, *argv]
+
+
+def run_process(model: str, argv: list[str], processes: int = 1) -> None:
+    """Run to completion (CPU ranks via ACCELERATE_USE_CPU; accelerate's own --cpu launcher starts only one)."""
+    env = {**ENV, "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command(model, argv, processes), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def check_same_lora(one: Path, two: Path) -> None:
+    """Equal within 1e-5 (the 2-process criterion), while training moved the B matrices (zero at init) far more."""
+    first, second = lora(one), lora(two)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert (first[key] - second[key]).abs().max() <= 1e-5, key
+    assert max(first[k].abs().max() for k in first if "lora_B" in k) > 1e-3
+
+
+def metrics(out: Path) -> list[dict]:
+    """The run's per-step records."""
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+def lora(path: Path) -> dict[str, torch.Tensor]:
+    """LoRA tensors of a saved file."""
+    return load_file(path)
+
+
+def check_run(out: Path, steps: int, mixed: bool) -> list[dict]:
+    """Every step logged with finite values; mixed runs pad some batches, equal-size runs none."""
+    records = metrics(out)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for record in records:
+        for key in ("loss", "lr", "padding_ratio", "tokens_per_second", "grad_norm"):
+            assert math.isfinite(record[key]), (key, record)
+        assert record["tokens_per_second"] > 0
+    if mixed:
+        assert max(r["padding_ratio"] for r in records) > 0.05
+    else:
+        assert all(r["padding_ratio"] == 0 for r in records)
+    return records
+
+
+def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: Path) -> None:
+    """The saved LoRA loads with the stock pipeline's load_lora_weights and changes the transformer's output."""
+    pipe = PIPELINES[model].from_pretrained(checkpoint)
+    transformer = pipe.transformer.eval()
+    generator = torch.Generator().manual_seed(0)
+    channels = transformer.config.in_channels
+    hidden = torch.randn(1, 12, channels, generator=generator)
+    if model == "flux_kontext":
+        from common.flux import image_ids
+
+        kwargs = dict(
+            encoder_hidden_states=torch.randn(1, 5, transformer.config.joint_attention_dim, generator=generator),
+            pooled_projections=torch.randn(1, transformer.config.pooled_projection_dim, generator=generator),
+            img_ids=image_ids(3, 4),
+            txt_ids=torch.zeros(5, 3),
+            guidance=torch.full((1,), 1.0) if transformer.config.guidance_embeds else None,
+        )
+    else:
+        kwargs = dict(
+            encoder_hidden_states=torch.randn(1, 5, transformer.config.joint_attention_dim, generator=generator),
+            img_shapes=[[(1, 3, 4)]],
+        )
+
+    def output() -> torch.Tensor:
+        with torch.no_grad():
+            return transformer(hidden_states=hidden, timestep=torch.full((1,), 0.5), return_dict=False, **kwargs)[0]
+
+    before = output()
+    pipe.load_lora_weights(str(lora_dir))
+    after = output()
+    assert (after - before).abs().max() > 1e-4
+    saved = load_file(lora_dir / LORA_FILE)
+    assert saved and all(k.startswith("transformer.") for k in saved)
+
+
+def kill_after_first_checkpoint(model: str, argv: list[str], out: Path) -> None:
+    """Start a run, SIGKILL it as soon as its first checkpoint is complete, and check it was cut short."""
+    env = {**ENV, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        command(model, argv), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-2").is_dir():
+        if process.poll() is not None:
+            pytest.fail(f"run ended before its first checkpoint: {process.stderr.read().decode()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("no checkpoint within 300 s")
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / LORA_FILE).exists(), "the run finished before the kill; the test needs more steps"
+
+
+class TrainerCases:
+    """The end-to-end cases every trainer must pass; a test module subclasses it with its MODEL and tiny KIT."""
+
+    MODEL = ""
+    KIT = ""
+
+    @pytest.fixture(scope="class")
+    def kit(self, tmp_path_factory, tiny_checkpoint):
+        root = tmp_path_factory.mktemp(self.KIT)
+        checkpoint = tiny_checkpoint(self.KIT)
+        flags = data_flags(self.MODEL, checkpoint, dataset(root, self.MODEL))
+        return {
+            "root": root,
+            "checkpoint": checkpoint,
+            "flags": flags,
+            "cache": precompute(self.MODEL, flags, root / "c"),
+        }
+
+    @pytest.fixture(scope="class")
+    def cached_run(self, kit):
+        out = kit["root"] / "cached"
+        argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *train_flags(out, "--export_comfyui")]
+        return out, train_inprocess(self.MODEL, argv)
+
+    def test_cached_mixed_run_end_to_end(self, kit, cached_run):
+        out, lora_file = cached_run
+        assert lora_file == out / LORA_FILE
+        check_run(out, steps=4, mixed=True)
+        assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
+        assert (out / COMFYUI_FILE).is_file()
+        check_lora_changes_pipeline_output(self.MODEL, kit["checkpoint"], out)
+
+    def test_uncached_run_equals_cached_run(self, kit, cached_run, tmp_path):
+        lora_file = train_inprocess(self.MODEL, [*kit["flags"], *train_flags(tmp_path, "--export_comfyui")])
+        cached, uncached = lora(cached_run[1]), lora(lora_file)
+        assert cached.keys() == uncached.keys()
+        assert all(torch.equal(cached[k], uncached[k]) for k in cached)
+
+    def test_resume_after_sigkill_is_bitwise_equal(self, kit, tmp_path):
+        argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), "--max_train_steps", "6", "--control_dropout", "0.5"]
+        run_process(self.MODEL, [*train_flags(tmp_path / "full"), *argv])
+        killed = [*train_flags(tmp_path / "killed"), *argv]
+        kill_after_first_checkpoint(self.MODEL, killed, tmp_path / "killed")
+        run_process(self.MODEL, [*killed, "--resume_from_checkpoint", "latest"])
+        full, resumed = lora(tmp_path / "full" / LORA_FILE), lora(tmp_path / "killed" / LORA_FILE)
+        assert all(torch.equal(full[k], resumed[k]) for k in full)
+        losses = [[r["loss"] for r in metrics(tmp_path / name)] for name in ("full", "killed")]
+        assert losses[0] == losses[1] and len(losses[0]) == 6
+
+    def test_two_processes_equal_one_with_the_same_global_batch(self, kit, tmp_path):
+        argv = [*kit["flags"], "--cache_dir", str(kit["cache"])]
+        run_process(self.MODEL, [*train_flags(tmp_path / "one"), *argv, "--train_batch_size", "4"])
+        run_process(self.MODEL, [*train_flags(tmp_path / "two"), *argv, "--train_batch_size", "2"], processes=2)
+        check_same_lora(tmp_path / "one" / LORA_FILE, tmp_path / "two" / LORA_FILE)
+
+    def test_nan_loss_stops_naming_step_and_samples(self, kit, tmp_path):
+        argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *train_flags(tmp_path)]
+        with pytest.raises(TrainingDiverged, match=r"at step 2 .*samples in this batch: \[") as error:
+            train_inprocess(self.MODEL, [*argv, "--learning_rate", "1e30", "--checkpointing_steps", "1"])
+        assert "'0" in str(error.value)  # the demo set's sample ids are file stems 000, 001, ...
+        assert (tmp_path / "checkpoint-1" / LORA_FILE).is_file() and not (tmp_path / "checkpoint-2").exists()
+        assert not (tmp_path / LORA_FILE).exists()
+
+
+class EqualSizeCases:
+    """For data sets whose samples can all be sized alike: a fixed resolution gives unpadded, stock-path batches."""
+
+    MODEL = ""
+
+    def test_equal_sizes_run_unpadded(self, kit, tmp_path):
+        train_inprocess(self.MODEL, [*kit["flags"], "--resolution", "128x128", *train_flags(tmp_path)])
+        check_run(tmp_path, steps=4, mixed=False)
