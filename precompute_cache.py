@@ -7,8 +7,6 @@ encoders. Each process of `accelerate launch` encodes rows p::N; a rerun resumes
 """
 
 import argparse
-import hashlib
-import json
 
 import torch
 from accelerate import Accelerator
@@ -17,8 +15,9 @@ from tqdm.auto import tqdm
 
 from common.cache import CacheWriter, finalize_cache, save_tensors_atomic
 from common.cli import MODELS, add_data_args, add_model_args, resolution_policy
-from common.data import BadSampleError, prepare_sample, read_rows, source_hash
-from common.encoders import load_encoders
+from common.data import BadSampleError, prepare_sample, read_rows
+from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, encode_row, load_encoders
+from common.training_data import data_fingerprint
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 
@@ -30,45 +29,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(parser)
     add_data_args(parser)
     parser.add_argument("--rebuild_cache", action="store_true", help="discard an existing cache and encode again")
-    parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens (FLUX)")
+    parser.add_argument("--max_sequence_length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH, help="T5 tokens (FLUX)")
     parser.add_argument("--shard_size", type=int, default=32, help="rows per atomically written shard")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="encoder dtype")
     args = parser.parse_args(argv)
     if not args.dataset or not args.cache_dir:
         raise ValueError("--dataset and --cache_dir are both required")
     return args
-
-
-def fingerprint(args: argparse.Namespace, rows: list) -> dict:
-    """Everything a cached row depends on: model, preprocessing settings and the content of every source."""
-    sources = hashlib.sha256()
-    for row in rows:
-        parts = [row.sample_id, row.prompt or ""] + [source_hash(s) for s in (row.target, *row.controls, row.mask) if s]
-        sources.update(json.dumps(parts).encode())
-    return {
-        "model": args.model,
-        "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
-        "revision": args.revision,
-        "resolution": args.resolution,
-        "multi_resolutions": args.multi_resolutions,
-        "target_area": args.target_area,
-        "max_aspect_ratio": args.max_aspect_ratio,
-        "max_sequence_length": args.max_sequence_length if args.model == "flux_kontext" else None,
-        "rows": len(rows),
-        "sources_sha256": sources.hexdigest(),
-    }
-
-
-def cache_row(prepared, encoded: dict) -> dict:  # noqa: ANN001 - a common.data.PreparedSample
-    """One Arrow row: the encoded tensors plus shapes on the packed token grid (target first) and the sources."""
-    latents = [encoded["target_latents"], *encoded["control_latents"]]
-    return {
-        **encoded,
-        "sample_id": prepared.sample_id,
-        "mask": prepared.mask,
-        "img_shapes": [[1, lat.shape[-2] // 2, lat.shape[-1] // 2] for lat in latents],
-        "sources": prepared.sources,
-    }
 
 
 def main(args: argparse.Namespace) -> None:
@@ -82,7 +49,7 @@ def main(args: argparse.Namespace) -> None:
         caption_column=args.caption_column,
         mask_column=args.mask_column,
     )
-    settings = fingerprint(args, rows)
+    settings = data_fingerprint(args, args.model, rows)
     # Process 0 clears an old cache on --rebuild_cache before the others open theirs.
     with accelerator.main_process_first():
         writer = CacheWriter(
@@ -108,18 +75,14 @@ def main(args: argparse.Namespace) -> None:
     with writer:
         for row in tqdm(mine, desc="encoding", disable=not accelerator.is_local_main_process):
             try:
-                prepared = prepare_sample(row, args.model, policy, require_control=args.model != "flux_kontext")
+                prepared = prepare_sample(row, args.model, policy)
             except BadSampleError as error:
                 if not args.skip_bad_samples:
                     raise
                 writer.skip(row.index, row.sample_id, str(error))
                 skipped.append(f"{row.sample_id}: {error}")
                 continue
-            encoded = encoders.encode(prepared)
-            if args.model != "flux_kontext":
-                # Qwen's text embedding sees the control images, so the caption-dropout embedding is per row.
-                encoded["empty_prompt_embeds"] = encoders.encode_prompt("", prepared.condition_images)["prompt_embeds"]
-            writer.add(row.index, cache_row(prepared, encoded))
+            writer.add(row.index, encode_row(encoders, prepared))
     skipped = gather_object(skipped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -2,7 +2,8 @@
 
 Layout of a cache directory (the directory belongs to the cache):
 
-- `fingerprint.json`: the settings every row depends on, written when the first writer opens the cache;
+- `fingerprint.json`: the settings every row depends on (for training data: `common.training_data.data_fingerprint`),
+  written when the first writer opens the cache;
 - `shard-p{process:03d}-{counter:06d}.arrow`: Arrow IPC stream files, one per `shard_size` rows of one process,
   each written to a hidden `.{name}.{pid}.tmp` file in the same directory, fsynced and renamed into place, so a
   killed writer leaves either a complete shard or an ignored temp file;
@@ -63,8 +64,9 @@ class FingerprintMismatch(ValueError):
         """Name every differing setting with its cached and requested value."""
         self.differences = differences
         super().__init__(
-            f"cache at {cache_dir} was built with other settings ({'; '.join(differences)}); "
-            "rebuild it (rebuild=True) or point to another cache directory"
+            f"cache at {cache_dir} was built with other settings ({'; '.join(differences)}); rerun "
+            "precompute_cache.py with the requested settings and --rebuild_cache (CacheWriter: rebuild=True), "
+            "or point --cache_dir to another directory"
         )
 
 
@@ -120,6 +122,15 @@ def flatten_row(row: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def stored_row(index: int, row: dict) -> dict:
+    """Columns of row `index` as a shard stores them (index, version, `flatten_row`); `unflatten_row` reads them."""
+    if not isinstance(row.get("sample_id"), str):
+        raise ValueError(f"row {index} needs a str 'sample_id'")
+    if reserved := set(RESERVED_COLUMNS) & row.keys():
+        raise ValueError(f"row {index} uses reserved keys {sorted(reserved)}")
+    return {"index": index, "version": CACHE_VERSION, **flatten_row(row)}
 
 
 def _tensor(flat: Any, shape: list[int]) -> Tensor:
@@ -264,11 +275,7 @@ class CacheWriter:
 
     def add(self, index: int, row: dict) -> None:
         """Buffer row `index` (it needs a str "sample_id"); a full buffer is written as one shard."""
-        if not isinstance(row.get("sample_id"), str):
-            raise ValueError(f"row {index} needs a str 'sample_id'")
-        if reserved := set(RESERVED_COLUMNS) & row.keys():
-            raise ValueError(f"row {index} uses reserved keys {sorted(reserved)}")
-        self._append({"index": index, "version": CACHE_VERSION, **flatten_row(row)})
+        self._append(stored_row(index, row))
 
     def skip(self, index: int, sample_id: str, reason: str) -> None:
         """Record that sample `index` has no row (e.g. an unreadable image); finalize_cache lists it."""
@@ -373,15 +380,24 @@ def _columns(dataset: datasets.Dataset, names: list[str]) -> pa.Table:
     return dataset.select_columns(names).with_format("arrow")[:]
 
 
-def load_cache(cache_dir: str | os.PathLike, fingerprint: dict | None = None) -> datasets.Dataset:
-    """Memory-mapped dataset of a finalized cache (or a legacy v1.0 one), one row per cached sample, by index."""
+def load_cache(
+    cache_dir: str | os.PathLike, fingerprint: dict | None = None, *, subset: bool = False
+) -> datasets.Dataset:
+    """Memory-mapped dataset of a finalized cache (or a legacy v1.0 one), one row per cached sample, by index.
+
+    A given fingerprint must equal the stored one (FingerprintMismatch otherwise); with subset=True only its own
+    keys are compared (e.g. a fingerprint of the settings alone, without the rows' content).
+    """
     cache_dir = Path(cache_dir)
     saved_dataset = (cache_dir / datasets.config.DATASET_STATE_JSON_FILENAME).exists()
     if saved_dataset and not (cache_dir / FINGERPRINT_FILE).exists():
         info = {"version": LEGACY_VERSION, "fingerprint": {}}
     else:
         info = cache_info(cache_dir)
-    if fingerprint is not None and (differences := fingerprint_diff(info["fingerprint"], fingerprint)):
+    stored = info["fingerprint"]
+    if fingerprint is not None and subset:
+        stored = {key: value for key, value in stored.items() if key in fingerprint}
+    if fingerprint is not None and (differences := fingerprint_diff(stored, fingerprint)):
         raise FingerprintMismatch(cache_dir, differences)
     if info["version"] == LEGACY_VERSION:
         return _load_legacy(cache_dir)

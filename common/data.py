@@ -109,7 +109,7 @@ class PreparedSample:
 
 
 class BadSampleError(ValueError):
-    """A row that cannot be trained on (unreadable/missing image, missing caption, missing control)."""
+    """A row that cannot be trained on (unreadable/missing image, missing caption, too many controls)."""
 
     def __init__(self, message: str, *, sample_id: str = "", path: str = "") -> None:
         """Keep the row id and offending file next to the message, for reports of skipped rows."""
@@ -581,10 +581,12 @@ def _mask_grid(row: EditRow, target_size: tuple[int, int], plan: ResizePlan) -> 
     return torch.nn.functional.avg_pool2d(pixels[None], TOKEN_PIXELS)[0]  # mean over each token's 16 x 16 pixels
 
 
-def prepare_sample(
-    row: EditRow, model: str, policy: ResolutionPolicy, *, require_control: bool = False
-) -> PreparedSample:
-    """Decode, crop and resize one row as `model`'s pipeline would at inference; BadSampleError for a bad row."""
+def prepare_sample(row: EditRow, model: str, policy: ResolutionPolicy) -> PreparedSample:
+    """Decode, crop and resize one row as `model`'s pipeline would at inference; BadSampleError for a bad row.
+
+    A row without control images is valid for every model (the sample then carries only its target); a listed
+    control that cannot be read is a bad row.
+    """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
     if policy.multiple % TOKEN_PIXELS:
@@ -593,8 +595,6 @@ def prepare_sample(
         raise _bad(row, "image", "target image is missing")
     if row.prompt is None:
         raise _bad(row, "caption", "caption is missing or empty")
-    if require_control and not row.controls:
-        raise _bad(row, "image", f"no control image ({model} needs at least one)")
     if model == "qwen_edit" and len(row.controls) > 1:
         raise _bad(row, "control_1", "Qwen-Image-Edit takes one control image; use qwen_edit_plus for several")
 

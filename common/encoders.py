@@ -9,16 +9,24 @@ The pipeline is loaded without its transformer and its own methods do the work (
   pipeline's chat template, prefix dropped (`prompt_template_encode_start_idx`), unpadded; 3D-VAE latents
   normalised by `latents_mean` / `latents_std`, frame dim dropped. The embedding depends on the images, so a cache
   of it must be keyed by sample, never by prompt.
+- Qwen rows without a control image (the sample carries only its target): no stock pipeline can run without an image
+  (both `__call__`s read `image.size`), and Qwen-Image-Edit's template holds an `<|image_pad|>` that its processor
+  refuses to leave empty; the only stock code that encodes a prompt without an image is Edit-Plus's
+  `encode_prompt(prompt, image=None)` (its template with no "Picture k" entries, i.e. Edit's template without the
+  vision block), so both Qwen models encode such prompts that way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
+
+if TYPE_CHECKING:
+    from common.data import PreparedSample
 
 PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "flux_kontext": FluxKontextPipeline,
@@ -27,6 +35,7 @@ PIPELINES: dict[str, type[DiffusionPipeline]] = {
     "qwen_edit_2511": QwenImageEditPlusPipeline,
 }
 MODELS = tuple(PIPELINES)
+DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxKontextPipeline's default T5 length
 
 
 class SampleLike(Protocol):
@@ -62,7 +71,9 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 class Encoders:
     """Frozen text encoders and VAE of one model, run through its stock pipeline (loaded without the transformer)."""
 
-    def __init__(self, model: str, pipe: DiffusionPipeline, *, max_sequence_length: int = 512) -> None:
+    def __init__(
+        self, model: str, pipe: DiffusionPipeline, *, max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH
+    ) -> None:
         """Wrap `pipe`; `max_sequence_length` is the FLUX T5 length (the Qwen pipelines never truncate)."""
         _check_model(model)
         self.model = model
@@ -71,6 +82,8 @@ class Encoders:
         for component in pipe.components.values():
             if isinstance(component, torch.nn.Module):
                 component.eval().requires_grad_(False)
+        # Prompts without images go through Edit-Plus's encode_prompt(image=None) (module doc), sharing the modules.
+        self._text_only_pipe = QwenImageEditPlusPipeline(**pipe.components) if model == "qwen_edit" else pipe
 
     @property
     def is_flux(self) -> bool:
@@ -113,15 +126,13 @@ class Encoders:
             )
             return {"prompt_embeds": embeds[0].cpu().contiguous(), "pooled_prompt_embeds": pooled[0].cpu().contiguous()}
         images = list(condition_images)
-        if self.model == "qwen_edit":
-            if len(images) != 1:
-                raise ValueError(f"Qwen-Image-Edit's template holds exactly one image, got {len(images)}")
-            image: Any = images[0]  # the pipeline passes the single resized PIL image
-        else:
-            if not images:
-                raise ValueError(f"{self.model} needs at least one condition image")
-            image = images
-        embeds, mask = self.pipe.encode_prompt(prompt, image=image, device=self.device)
+        if self.model == "qwen_edit" and len(images) > 1:
+            raise ValueError(f"Qwen-Image-Edit's template holds at most one image, got {len(images)}")
+        if not images:  # a row without control (module doc)
+            pipe, image = self._text_only_pipe, None
+        else:  # Edit's pipeline passes its single resized PIL image, Edit-Plus's the list
+            pipe, image = self.pipe, images[0] if self.model == "qwen_edit" else images
+        embeds, mask = pipe.encode_prompt(prompt, image=image, device=self.device)
         embeds = embeds[0] if mask is None else embeds[0, mask[0].bool()]
         return {"prompt_embeds": embeds.cpu().contiguous()}
 
@@ -138,6 +149,24 @@ class Encoders:
         return out
 
 
+def encode_row(encoders: Encoders, prepared: PreparedSample) -> dict[str, Any]:
+    """One training row of a prepared sample, as precompute_cache.py stores it and uncached training yields it.
+
+    `encoders.encode` keys, plus "sample_id", "mask", "img_shapes" (packed token grid [1, h, w] of the target, then
+    of each control) and "sources"; Qwen rows add "empty_prompt_embeds", the caption-dropout embedding, which
+    depends on the row's condition images (FLUX's does not: it is stored once per cache).
+    """
+    row: dict[str, Any] = dict(encoders.encode(prepared))
+    if not encoders.is_flux:
+        row["empty_prompt_embeds"] = encoders.encode_prompt("", prepared.condition_images)["prompt_embeds"]
+    latents = [row["target_latents"], *row["control_latents"]]
+    row["sample_id"] = prepared.sample_id
+    row["mask"] = prepared.mask
+    row["img_shapes"] = [[1, *latent_shape_to_tokens(encoders.model, lat.shape)] for lat in latents]
+    row["sources"] = prepared.sources
+    return row
+
+
 def load_encoders(
     model: str,
     pretrained_model_name_or_path: str,
@@ -145,7 +174,7 @@ def load_encoders(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
-    max_sequence_length: int = 512,
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
 ) -> Encoders:
     """Load `model`'s stock pipeline without its transformer and wrap its encoders."""
     _check_model(model)

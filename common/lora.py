@@ -25,16 +25,17 @@ def add_lora(
     """Freeze the base weights, add a LoRA adapter, keep its weights in float32; returns the trainable parameters.
 
     `exclude_modules`: full names of matching modules to leave alone, e.g. ones whose output never reaches the
-    loss (their LoRA would get no gradient, which DDP rejects).
+    loss (their LoRA would get no gradient, which DDP rejects). Exclusions are resolved here into full module
+    names, so the adapter config saved with the weights names exactly the adapted modules and loads cleanly.
     """
     transformer.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        init_lora_weights="gaussian",
-        target_modules=target_modules,
-        exclude_modules=list(exclude_modules) or None,
-    )
+    if exclude_modules:
+        target_modules = [
+            name
+            for name, _ in transformer.named_modules()
+            if name not in exclude_modules and any(name == t or name.endswith(f".{t}") for t in target_modules)
+        ]
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
     transformer.add_adapter(config)
     cast_training_params(transformer, dtype=torch.float32)
     params = [p for p in transformer.parameters() if p.requires_grad]
@@ -49,12 +50,9 @@ def save_lora(pipeline_class: type[DiffusionPipeline], transformer: nn.Module, d
     model = base_model(transformer)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    metadata = _collate_lora_metadata({"transformer": model})
     with tempfile.TemporaryDirectory(dir=directory, prefix=".lora-") as tmp:
-        pipeline_class.save_lora_weights(
-            tmp,
-            transformer_lora_layers=get_peft_model_state_dict(model),
-            **_collate_lora_metadata({"transformer": model}),
-        )
+        pipeline_class.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(model), **metadata)
         os.replace(Path(tmp) / LORA_FILE, directory / LORA_FILE)
     return directory / LORA_FILE
 

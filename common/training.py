@@ -305,6 +305,12 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
         f"{sampler.padding_ratio():.1%} ({'grouped by length' if args.group_by_length else 'random order'})",
         main_process_only=True,
     )
+    validation = None
+    if args.validation_steps and accelerator.is_main_process:  # only the main process samples (see the loop)
+        from common.validation import Validation
+
+        shared = None if data.cached else data.dataset.encoders  # on-the-fly data already holds the encoders
+        validation = Validation(args, recipe.model, accelerator.device, weight_dtype, shared)
 
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     state = TrainState()
@@ -349,6 +355,11 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
                 "epoch": state.epoch,
             },
         )
+        if args.validation_steps and state.step % args.validation_steps == 0:
+            if validation is not None:  # a no-grad forward of the unwrapped model; the other ranks wait
+                images = validation.sample(accelerator.unwrap_model(transformer), recipe, args)
+                validation.save(images, state.step, accelerator)
+            accelerator.wait_for_everyone()
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
             save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit)
 

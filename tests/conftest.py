@@ -88,3 +88,25 @@ def check_lora_gradients(
         assert summed[name].abs().sum() > 0, name
         assert relative_error(grad, summed[name]) <= 1e-5, name
     return mixed
+
+
+@pytest.fixture(scope="class")
+def kit(request, tmp_path_factory, tiny_checkpoint):
+    """For a trainer test class (MODEL, KIT): its tiny checkpoint, the demo data set's flags, and their cache."""
+    import trainer_harness as h
+
+    model, name = request.cls.MODEL, request.cls.KIT
+    root = tmp_path_factory.mktemp(name)
+    checkpoint = tiny_checkpoint(name)
+    flags = h.data_flags(model, checkpoint, h.dataset(root, model))
+    return {"root": root, "checkpoint": checkpoint, "flags": flags, "cache": h.precompute(model, flags, root / "c")}
+
+
+@pytest.fixture(scope="class")
+def cached_run(request, kit):
+    """A short cached training run of the class's trainer: (output folder, LoRA file)."""
+    import trainer_harness as h
+
+    out = kit["root"] / "cached"
+    argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *h.train_flags(out, "--export_comfyui")]
+    return out, h.train_inprocess(request.cls.MODEL, argv)

@@ -141,7 +141,15 @@ def test_fingerprint_refusal_and_rebuild(tmp_path):
     ]
     with pytest.raises(FingerprintMismatch, match="resolution: cached 512, requested 1024") as err:
         load_cache(tmp_path, other)
-    assert len(err.value.differences) == 2
+    assert len(err.value.differences) == 2 and "--rebuild_cache" in str(err.value)
+    # subset=True compares only the requested keys (e.g. settings without the sources), naming any it lacks
+    assert len(load_cache(tmp_path, {"model": "tiny/qwen-edit", "revision": "abc"}, subset=True)) == 5
+    with pytest.raises(FingerprintMismatch) as err:
+        load_cache(tmp_path, {"resolution": 1024, "max_sequence_length": None}, subset=True)
+    assert err.value.differences == [
+        "max_sequence_length: cached '<missing>', requested None",
+        "resolution: cached 512, requested 1024",
+    ]
     with pytest.raises(FingerprintMismatch, match="resolution"):
         CacheWriter(tmp_path, other)
     assert len(load_cache(tmp_path, FINGERPRINT)) == 5  # the refused writer changed nothing

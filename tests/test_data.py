@@ -314,7 +314,7 @@ def test_prepare_qwen_edit_matches_pipeline():
 def test_prepare_qwen_edit_plus_matches_pipeline():
     policy = ResolutionPolicy.for_model("qwen_edit_plus", target_area=pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE)
     controls = [_image(200, 120, 2), _image(90, 160, 3)]
-    sample = prepare_sample(_row(_image(64, 64, 1), controls), "qwen_edit_plus", policy, require_control=True)
+    sample = prepare_sample(_row(_image(64, 64, 1), controls), "qwen_edit_plus", policy)
     assert len(sample.controls) == len(sample.condition_images) == 2
     for image, tensor, condition in zip(controls, sample.controls, sample.condition_images, strict=True):
         ratio = image.width / image.height
@@ -404,7 +404,6 @@ BAD = {
     "control_corrupt": "control_corrupt_control.png",
     "corrupt": "corrupt.png",
     "no_caption": "no_caption.txt",
-    "no_control": "no_control.png",
     "orphan_control": "orphan_control.txt",  # no "orphan.png": a target of its own, without caption
     "truncated": "truncated.png",
 }
@@ -416,11 +415,13 @@ def test_every_bad_row_names_its_id_and_file(tmp_path):
     rows = {row.sample_id: row for row in read_rows(root)}
     for sample_id, file in BAD.items():
         with pytest.raises(BadSampleError) as info:
-            prepare_sample(rows[sample_id], "qwen_edit_plus", policy, require_control=True)
+            prepare_sample(rows[sample_id], "qwen_edit_plus", policy)
         assert repr(sample_id) in str(info.value) and str(root / file) in str(info.value)
         assert (info.value.sample_id, info.value.path) == (sample_id, str(root / file))
-    # Without require_control a row without control is fine (FLUX Kontext / Qwen-Edit text-only rows).
-    assert prepare_sample(rows["no_control"], "flux_kontext", policy).controls == []
+    # A row without control is a valid sample for every model: it carries only its target.
+    for model in ("flux_kontext", "qwen_edit", "qwen_edit_plus"):
+        sample = prepare_sample(rows["no_control"], model, ResolutionPolicy.for_model(model, target_area=64 * 64))
+        assert (sample.controls, sample.condition_images, sample.target.shape[0]) == ([], [], 3)
 
 
 def test_missing_file_in_manifest(tmp_path):
@@ -451,10 +452,10 @@ def test_prepare_all_skips_and_reports_bad_rows(tmp_path):
     policy = ResolutionPolicy.for_model("qwen_edit_plus", target_area=64 * 64)
 
     def prepare(row: EditRow):
-        return prepare_sample(row, "qwen_edit_plus", policy, require_control=True)
+        return prepare_sample(row, "qwen_edit_plus", policy)
 
     prepared, skipped = prepare_all(rows, prepare, skip_bad_samples=True)
-    assert [s.sample_id for s in prepared] == ["good1", "good2"]
+    assert [s.sample_id for s in prepared] == ["good1", "good2", "no_control"]
     assert [sample_id for sample_id, _ in skipped] == sorted(BAD)
     assert all(str(tmp_path / "d" / BAD[sample_id]) in reason for sample_id, reason in skipped)
     with pytest.raises(BadSampleError, match="'control_corrupt'") as info:  # the first bad row in order

@@ -18,7 +18,7 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     calculate_dimensions,
 )
 
-from common.encoders import PIPELINES, Encoders, latent_shape_to_tokens, load_encoders, pack_latents
+from common.encoders import PIPELINES, Encoders, encode_row, latent_shape_to_tokens, load_encoders, pack_latents
 
 PROMPT = "Make the sky blue and add a small red dog."
 LONG_PROMPT = "Turn the cat into a tiger sitting on a wooden chair. Remove the person in the background."
@@ -191,13 +191,61 @@ def test_qwen_prompt_embeds_depend_on_images_and_prompt(model: str, encoders: di
     empty = enc.encode_prompt("", images)["prompt_embeds"]
     assert empty.shape[0] < base.shape[0]
 
-    with pytest.raises(ValueError):
-        enc.encode_prompt(PROMPT, [])
+    without = enc.encode_prompt(PROMPT, [])["prompt_embeds"]
+    assert without.shape[0] < base.shape[0]
     with pytest.raises(ValueError):
         enc.encode(_sample(_pixels(64, 64, seed=0)[0], [], images))
     if model == "qwen_edit":
         with pytest.raises(ValueError):
             enc.encode_prompt(PROMPT, images * 2)
+
+
+@pytest.mark.parametrize("model", QWEN_MODELS)
+def test_qwen_prompt_without_image_is_edit_plus_text_only(
+    model: str, encoders: dict[str, Encoders], pipes: dict[str, DiffusionPipeline]
+) -> None:
+    """A row without control encodes its prompt as Edit-Plus's encode_prompt(image=None), the only stock path."""
+    pipe = pipes[model]
+    if model == "qwen_edit":
+        # Edit's template holds an image placeholder that its processor refuses to leave empty ...
+        with pytest.raises(ValueError, match="no images were passed"), torch.no_grad():
+            pipe.encode_prompt(PROMPT, image=None)
+        # ... and without its vision block it is Edit-Plus's template, which Edit-Plus fills with no "Picture k".
+        text_only = QwenImageEditPlusPipeline(**pipe.components)
+        vision = "<|vision_start|><|image_pad|><|vision_end|>"
+        assert pipe.prompt_template_encode.replace(vision, "") == text_only.prompt_template_encode
+    else:
+        text_only = pipe
+    for prompt in (PROMPT, ""):
+        with torch.no_grad():
+            embeds, mask = text_only.encode_prompt(prompt, image=None)
+        assert mask is None and embeds.shape[0] == 1
+        got = encoders[model].encode_prompt(prompt, [])["prompt_embeds"]
+        assert got.shape == embeds[0].shape and torch.equal(got, embeds[0])
+
+
+@pytest.mark.parametrize(("model", "n_controls"), [("flux_kontext", 1), ("qwen_edit", 0), ("qwen_edit", 1)])
+def test_encode_row_adds_shapes_ids_and_empty_prompt(
+    model: str, n_controls: int, encoders: dict[str, Encoders]
+) -> None:
+    enc = encoders[model]
+    controls = [_pixels(48, 80, seed=60)[0]][:n_controls]
+    condition_images = [] if model == "flux_kontext" else [_image(80, 48, seed=61)][:n_controls]
+    sample = _sample(_pixels(64, 96, seed=62)[0], controls, condition_images)
+    sample.mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(0))
+    sample.sources = {"image": "t.png"}
+    row = encode_row(enc, sample)
+    fresh = enc.encode(sample)
+    assert set(row) == set(fresh) | {"sample_id", "mask", "img_shapes", "sources"} | (
+        set() if model == "flux_kontext" else {"empty_prompt_embeds"}
+    )
+    assert all(torch.equal(row[k], fresh[k]) for k in fresh if k != "control_latents")
+    assert all(torch.equal(a, b) for a, b in zip(row["control_latents"], fresh["control_latents"], strict=True))
+    assert row["img_shapes"] == [[1, 4, 6]] + [[1, 3, 5]] * n_controls
+    assert (row["sample_id"], row["sources"]) == ("s0", {"image": "t.png"}) and row["mask"] is sample.mask
+    if model != "flux_kontext":
+        empty = enc.encode_prompt("", condition_images)["prompt_embeds"]
+        assert torch.equal(row["empty_prompt_embeds"], empty)
 
 
 # One step makes the Qwen scheduler's terminal stretch divide 0 by 0; only the transformer's inputs matter here.

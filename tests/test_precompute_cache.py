@@ -1,29 +1,35 @@
 """precompute_cache.py end to end on the tiny kit: cached tensors equal a fresh encode of the same sample."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
+from test_cache import assert_same
 
 import precompute_cache
-from common.cache import FingerprintMismatch, cache_info, load_cache, unflatten_row
+from common.cache import CachedRows, FingerprintMismatch, cache_info, load_cache, unflatten_row
 from common.cli import resolution_policy
 from common.data import prepare_sample, read_rows
 from common.encoders import load_encoders
+from common.training_data import data_fingerprint
 
 SIZES = [(96, 64), (64, 64), (48, 112), (80, 48)]  # (width, height) of targets; controls get other sizes
 
 
-def write_folder(root: Path, controls: int = 1, corrupt: str | None = None) -> Path:
+def write_folder(root: Path, controls: int = 1, corrupt: str | None = None, rows: int = len(SIZES)) -> Path:
     """A folder dataset (stem.png + stem.txt + stem_control[_k].png) of random images of several aspect ratios."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
-    for i, (w, h) in enumerate(SIZES):
+    for i in range(rows):
+        w, h = SIZES[i % len(SIZES)]
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / f"s{i}.png")
         (root / f"s{i}.txt").write_text(f"make sample {i} brighter" + " please" * i)
         for k in range(controls):
@@ -49,12 +55,12 @@ def test_cached_rows_equal_fresh_encode(tmp_path, tiny_checkpoint, model, kit, c
     argv = run(model, tiny_checkpoint(kit), dataset, tmp_path / "cache")
     args = precompute_cache.parse_args(argv)
     rows = read_rows(dataset)
-    cached = load_cache(tmp_path / "cache", precompute_cache.fingerprint(args, rows))
+    cached = load_cache(tmp_path / "cache", data_fingerprint(args, model, rows))
     assert len(cached) == len(SIZES) and cached[0]["version"] == "2.0"
     encoders = load_encoders(model, str(tiny_checkpoint(kit)))
     policy = resolution_policy(args, model)
     for row, record in zip(rows, cached, strict=True):
-        prepared = prepare_sample(row, model, policy, require_control=model != "flux_kontext")
+        prepared = prepare_sample(row, model, policy)
         fresh = encoders.encode(prepared)
         got = unflatten_row(record)
         for key in ("target_latents", "prompt_embeds"):
@@ -74,7 +80,7 @@ def test_changed_settings_are_refused_and_rebuild_redoes(tmp_path, tiny_checkpoi
     dataset = write_folder(tmp_path / "data")
     argv = run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache")
     args = precompute_cache.parse_args(argv[:-5] + ["--multi_resolutions", "64*64", "--shard_size", "2"])
-    wanted = precompute_cache.fingerprint(args, read_rows(dataset))
+    wanted = data_fingerprint(args, args.model, read_rows(dataset))
     with pytest.raises(FingerprintMismatch, match="multi_resolutions"):
         load_cache(tmp_path / "cache", wanted)
     with pytest.raises(FingerprintMismatch, match="multi_resolutions"):
@@ -133,3 +139,63 @@ def test_two_processes_equal_one(tmp_path, tiny_checkpoint):
         for key in ("target_latents", "prompt_embeds", "pooled_prompt_embeds"):
             assert torch.equal(ux[key], uy[key]), key
         assert all(torch.equal(p, q) for p, q in zip(ux["control_latents"], uy["control_latents"], strict=True))
+
+
+def test_sigkill_then_rerun_keeps_finished_shards(tmp_path, tiny_checkpoint):
+    """`python precompute_cache.py` killed with SIGKILL once it has written a shard: the rerun leaves those shard
+    files untouched, encodes only the other rows, and the cache equals an uninterrupted run's row for row.
+
+    12 rows encoded at 384*384 take about a second after the first shard of 2 rows, time enough to kill the run
+    while it works. Every run is a process with one CPU thread, so all compute the same bits."""
+    dataset = write_folder(tmp_path / "data", rows=12)
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+
+    def start(cache: Path) -> subprocess.Popen:
+        argv = ["--model", "flux_kontext", "--pretrained_model_name_or_path", str(tiny_checkpoint("flux_kontext"))]
+        argv += ["--dataset", str(dataset), "--cache_dir", str(cache), "--shard_size", "2", "--target_area", "384*384"]
+        with (tmp_path / f"{cache.name}.log").open("w") as log:  # the child keeps its own copy of the file
+            return subprocess.Popen(
+                [sys.executable, "precompute_cache.py", *argv], cwd=root, env=env, stdout=log, stderr=log
+            )
+
+    def shards() -> dict[str, tuple[int, int]]:
+        """(inode, mtime) of each finished shard file of the killed run's cache."""
+        found = sorted(killed.glob("shard-*.arrow")) if killed.is_dir() else []
+        return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in found}
+
+    reference = start(clean)  # the uninterrupted run, meanwhile
+    run = start(killed)
+    try:
+        deadline = time.monotonic() + 300
+        while not shards():
+            assert run.poll() is None, "precompute_cache.py ended before writing a shard"
+            assert time.monotonic() < deadline, "no shard after 300 s"
+            time.sleep(0.002)
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+        run.wait()
+    assert run.returncode == -signal.SIGKILL
+    before = shards()
+    assert 1 <= len(before) < 6 and not (killed / "cache_info.json").exists(), "the kill must catch the run working"
+
+    time.sleep(0.01)  # so a rewritten shard would get another mtime even on coarse clocks
+    assert start(killed).wait() == 0, (tmp_path / "killed.log").read_text()[-2000:]
+    assert reference.wait() == 0, (tmp_path / "clean.log").read_text()[-2000:]
+    after = shards()
+    assert {name: after[name] for name in before} == before, "finished shards must not be written again"
+    assert len(after) == 6 and not list(killed.glob(".*.tmp"))
+    # The rerun encoded only the rows the killed run had not finished.
+    indices = {
+        name: pa.ipc.open_stream(pa.memory_map(str(killed / name))).read_all()["index"].to_pylist() for name in after
+    }
+    done = sorted(i for name in before for i in indices[name])
+    assert done == list(range(2 * len(before)))
+    assert sorted(i for name in after if name not in before for i in indices[name]) == list(range(len(done), 12))
+
+    resumed, uninterrupted = CachedRows(load_cache(killed)), CachedRows(load_cache(clean))
+    assert len(resumed) == len(uninterrupted) == 12
+    for i in range(12):
+        assert_same(resumed[i], uninterrupted[i])

@@ -181,28 +181,13 @@ def kill_after_first_checkpoint(model: str, argv: list[str], out: Path) -> None:
 
 
 class TrainerCases:
-    """The end-to-end cases every trainer must pass; a test module subclasses it with its MODEL and tiny KIT."""
+    """The end-to-end cases every trainer must pass; a test module subclasses it with its MODEL and tiny KIT.
+
+    Its class-scoped fixtures `kit` (checkpoint, data flags, cache) and `cached_run` live in conftest.py.
+    """
 
     MODEL = ""
     KIT = ""
-
-    @pytest.fixture(scope="class")
-    def kit(self, tmp_path_factory, tiny_checkpoint):
-        root = tmp_path_factory.mktemp(self.KIT)
-        checkpoint = tiny_checkpoint(self.KIT)
-        flags = data_flags(self.MODEL, checkpoint, dataset(root, self.MODEL))
-        return {
-            "root": root,
-            "checkpoint": checkpoint,
-            "flags": flags,
-            "cache": precompute(self.MODEL, flags, root / "c"),
-        }
-
-    @pytest.fixture(scope="class")
-    def cached_run(self, kit):
-        out = kit["root"] / "cached"
-        argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *train_flags(out, "--export_comfyui")]
-        return out, train_inprocess(self.MODEL, argv)
 
     def test_cached_mixed_run_end_to_end(self, kit, cached_run):
         out, lora_file = cached_run

@@ -1,0 +1,193 @@
+"""The trainers' data: rows of a precomputed cache or encoded on the fly, in one item format either way.
+
+With `--cache_dir` the rows come from the Arrow cache of `precompute_cache.py`, checked against the requested
+settings (and, given `--dataset`, against the content of every source). Without it every row is validated once
+(decoded, cropped, resized: bad rows raise or, with `--skip_bad_samples`, are skipped and listed) and then prepared
+and encoded again on each access with the frozen encoders, exactly as the precompute would have, and passed through
+the cache's row encoding, so an item is the same dict, dtypes included, whether it was cached or not:
+
+    target_latents (C, h, w), control_latents [(C, h_k, w_k)], prompt_embeds (T, D), pooled_prompt_embeds (P,)
+    (FLUX), empty_prompt_embeds (T0, D) (Qwen: caption dropout sees the row's condition images), mask
+    (h/2, w/2) float32 or None, img_shapes [[1, h/2, w/2], ...] (target first), sources, sample_id, index
+    (source order) and version.
+
+Uncached items run the encoders in the calling process: use the dataset with num_workers=0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from common.cache import (
+    CachedRows,
+    CacheNotFinished,
+    cache_info,
+    load_cache,
+    stored_row,
+    token_counts,
+    unflatten_row,
+)
+from common.cli import add_data_args, resolution_policy
+from common.data import EditRow, PreparedSample, prepare_all, prepare_sample, read_rows, source_hash, token_grid
+from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, Encoders, encode_row, load_encoders
+from common.resolution import ResolutionPolicy
+
+
+@dataclass
+class TrainingData:
+    """What a trainer iterates over, and what it needs besides the rows."""
+
+    dataset: torch.utils.data.Dataset  # item i -> dict in the format of the module doc, cached or not
+    lengths: list[int]  # image tokens per item (target + references), for the length-grouped sampler and logging
+    empty_prompt: dict[str, torch.Tensor] | None  # FLUX: {"prompt_embeds", "pooled_prompt_embeds"} of "" (dropout)
+    cached: bool
+
+
+class EncodedRows(torch.utils.data.Dataset):
+    """Uncached rows: item i is row i prepared and encoded on access, in the format of `CachedRows` items."""
+
+    def __init__(self, rows: list[EditRow], model: str, policy: ResolutionPolicy, encoders: Encoders) -> None:
+        """Keep the (validated) rows, which hold file references only, and the encoders to run on access."""
+        self.rows, self.model, self.policy, self.encoders = rows, model, policy, encoders
+
+    def __len__(self) -> int:
+        """Number of usable rows."""
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        """Row i encoded now, stored and read back as the cache would (bfloat16 becomes float32 there too)."""
+        row = self.rows[i]
+        encoded = encode_row(self.encoders, prepare_sample(row, self.model, self.policy))
+        return unflatten_row(stored_row(row.index, encoded))
+
+
+def _read(args: argparse.Namespace) -> list[EditRow]:
+    """Rows of --dataset, with the column flags."""
+    return read_rows(
+        args.dataset,
+        image_column=args.image_column,
+        control_column=args.control_column,
+        caption_column=args.caption_column,
+        mask_column=args.mask_column,
+    )
+
+
+def _tokens(sample: PreparedSample) -> int:
+    """Image tokens of a prepared sample: its target's and every control's latent token grid."""
+    return sum(math.prod(token_grid(*image.shape[1:])) for image in [sample.target, *sample.controls])
+
+
+def data_fingerprint(args: argparse.Namespace, model: str, rows: Sequence[EditRow] | None = None) -> dict:
+    """What every cached row of `model` depends on: model, preprocessing flags and, given rows, each source's content.
+
+    `args` holds the flags of `common.cli.add_model_args` / `add_data_args` (and optionally --max_sequence_length);
+    rows=None gives the settings alone, to check a cache when the dataset itself is not at hand.
+    """
+    max_sequence_length = getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+    settings = {
+        "model": model,
+        "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
+        "revision": args.revision,
+        "resolution": args.resolution,
+        "multi_resolutions": args.multi_resolutions,
+        "target_area": args.target_area,
+        "max_aspect_ratio": args.max_aspect_ratio,
+        "max_sequence_length": max_sequence_length if model == "flux_kontext" else None,
+    }
+    if rows is None:
+        return settings
+    sources = hashlib.sha256()
+    for row in rows:
+        parts = [row.sample_id, row.prompt or ""] + [source_hash(s) for s in (row.target, *row.controls, row.mask) if s]
+        sources.update(json.dumps(parts).encode())
+    return {**settings, "rows": len(rows), "sources_sha256": sources.hexdigest()}
+
+
+def precompute_command(args: argparse.Namespace, model: str) -> str:
+    """The precompute_cache.py command line that builds the cache these flags ask for."""
+    parser = argparse.ArgumentParser()
+    add_data_args(parser)
+    defaults = vars(parser.parse_args([]))
+    words = ["accelerate", "launch", "precompute_cache.py", "--model", model]
+    words += ["--pretrained_model_name_or_path", str(args.pretrained_model_name_or_path)]
+    if args.revision:
+        words += ["--revision", args.revision]
+    words += ["--dataset", args.dataset or "DATASET"]
+    for name, default in defaults.items():
+        value = getattr(args, name, default)
+        if name == "dataset" or value == default:
+            continue
+        if value is True:
+            words.append(f"--{name}")
+        else:
+            words += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    max_sequence_length = getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+    if model == "flux_kontext" and max_sequence_length != DEFAULT_MAX_SEQUENCE_LENGTH:
+        words += ["--max_sequence_length", str(max_sequence_length)]
+    return shlex.join(words)
+
+
+def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
+    """The cache at --cache_dir, checked against the settings, and against the sources when --dataset is given."""
+    rows = _read(args) if args.dataset else None
+    requested = data_fingerprint(args, model, rows)
+    try:
+        dataset = load_cache(args.cache_dir, requested, subset=rows is None)
+    except (FileNotFoundError, CacheNotFinished) as error:
+        message = f"{error}\nbuild it with precompute_cache.py:\n  {precompute_command(args, model)}"
+        raise type(error)(message) from error
+    empty_prompt = None
+    if model == "flux_kontext":
+        name = cache_info(args.cache_dir)["extra"].get("empty_prompt")
+        if name is None:
+            raise ValueError(f"cache at {args.cache_dir} holds no empty-prompt embedding: rebuild it (--rebuild_cache)")
+        empty_prompt = load_file(Path(args.cache_dir) / name)
+    return TrainingData(CachedRows(dataset), token_counts(dataset), empty_prompt, cached=True)
+
+
+def _open_uncached(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> TrainingData:
+    """Rows of --dataset, validated now and encoded on access by `model`'s encoders on device/dtype."""
+    policy = resolution_policy(args, model)
+
+    def check(row: EditRow) -> tuple[EditRow, int]:
+        """The row and its token count, if it prepares; the decoded images are dropped right away."""
+        return row, _tokens(prepare_sample(row, model, policy))
+
+    checked, skipped = prepare_all(_read(args), check, skip_bad_samples=args.skip_bad_samples)
+    if skipped:
+        print(f"skipped {len(skipped)} bad sample(s):\n  " + "\n  ".join(reason for _, reason in skipped))
+    if not checked:
+        raise ValueError(f"dataset {args.dataset!r}: no usable rows")
+    encoders = load_encoders(
+        model,
+        args.pretrained_model_name_or_path,
+        device=device,
+        dtype=dtype,
+        revision=args.revision,
+        max_sequence_length=getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH),
+    )
+    empty_prompt = encoders.encode_prompt("") if encoders.is_flux else None
+    rows = [row for row, _ in checked]
+    return TrainingData(EncodedRows(rows, model, policy, encoders), [n for _, n in checked], empty_prompt, cached=False)
+
+
+def open_training_data(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> TrainingData:
+    """The rows `args` describe: the cache at --cache_dir if given, else --dataset encoded on the fly on device/dtype.
+
+    `args` holds the flags of `common.cli.add_model_args` and `add_data_args`, and optionally --max_sequence_length.
+    """
+    if args.cache_dir:
+        return _open_cached(args, model)
+    if not args.dataset:
+        raise ValueError("give --dataset (encoded while training) or --cache_dir (a cache from precompute_cache.py)")
+    return _open_uncached(args, model, device, dtype)

@@ -1,0 +1,205 @@
+"""Validation images while training: the validation edits sampled with the LoRA being trained, as the pipelines would.
+
+Sample k is the edit `--validation_prompts[k]` of `--validation_images[k]`; comma-separated paths give Qwen-Image-
+Edit-Plus several references ("Picture 1", "Picture 2", ...). Its inputs are prepared and encoded once, exactly as
+a training row's (`common.data.prepare_sample` with the run's resolution policy, then `common.encoders`), and its
+output gets the size the policy gives its first control image: the image being edited keeps its aspect ratio and
+the area a training target of that shape gets. (The stock pipelines choose otherwise by default: FLUX.1 Kontext
+renders 1024x1024 squares and Edit-Plus follows its last image.) The text encoders are needed only for this, so
+they are dropped afterwards unless the caller shares its own.
+
+Sampling is the pipelines' own loop, run for all samples at once as one mixed-size batch through the recipe's
+`predict` (the training forward): sigmas `linspace(1, 1/N, N)` through a copy of the model's scheduler set with
+each sample's own dynamic shift (mu from its target token count; Qwen's `shift_terminal` stretch included), the
+timestep the pipelines feed (`t / 1000`), the scheduler's Euler step, then the pipelines' unpacking and VAE
+decoding. Each step is one conditional forward with the training-time conditioning: FLUX's guidance embedding is
+`--guidance_scale` and Qwen runs without true CFG. Sample k starts from the noise the pipeline draws with
+`generator=torch.Generator().manual_seed(seed + k)`, the same at every validation, so the images show the LoRA's
+progress and sample k can be reproduced with the stock pipeline and the saved LoRA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+
+from common.attention import base_model
+from common.cli import resolution_policy
+from common.data import EditRow, PreparedSample, prepare_sample
+from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, Encoders, load_encoders, pack_latents
+from common.flow_matching import shift_mu
+from common.training import NoisyBatch, Recipe
+
+VALIDATION_DIR = "validation"
+MULTI_REFERENCE_MODELS = ("qwen_edit_plus", "qwen_edit_2511")
+
+
+@dataclass
+class ValidationSample:
+    """One encoded validation edit: its prompt, output size and conditioning, on the sampling device."""
+
+    prompt: str
+    height: int  # output pixels
+    width: int
+    prompt_embeds: Tensor  # (T, D)
+    pooled_prompt_embeds: Tensor | None  # (P,), FLUX only
+    references: list[Tensor]  # packed reference tokens (M_k, C), in img_shapes order
+    img_shapes: list[tuple[int, int, int]]  # packed grids, target first
+
+
+def validation_rows(prompts: list[str], images: list[str], model: str) -> list[EditRow]:
+    """One EditRow per validation edit, its first control image standing in as the target that sizes the output."""
+    rows = []
+    for k, (prompt, entry) in enumerate(zip(prompts, images, strict=True)):
+        paths = [p.strip() for p in entry.split(",") if p.strip()]
+        if not paths:
+            raise ValueError(f"--validation_images entry {k} names no image")
+        if len(paths) > 1 and model not in MULTI_REFERENCE_MODELS:
+            raise ValueError(f"--validation_images entry {k}: {model} takes one control image, got {len(paths)}")
+        sources = {"image": paths[0], **{f"control_{j}": p for j, p in enumerate(paths)}}
+        sources["caption"] = f"--validation_prompts[{k}]"
+        rows.append(EditRow(k, f"validation[{k}]", paths[0], tuple(paths), prompt.strip() or None, None, sources))
+    return rows
+
+
+class Validation:
+    """The validation edits of a run, encoded once; `sample` renders them with the transformer being trained."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        encoders: Encoders | None = None,
+    ) -> None:
+        """Prepare and encode every validation edit (with `encoders` if given, else ones loaded here on device)."""
+        if encoders is None:
+            encoders = load_encoders(
+                model,
+                args.pretrained_model_name_or_path,
+                device=device,
+                dtype=dtype,
+                revision=args.revision,
+                max_sequence_length=getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH),
+            )
+        self.device, self.dtype, self.is_flux = device, dtype, encoders.is_flux
+        self.output_dir = Path(args.output_dir) / VALIDATION_DIR
+        policy = resolution_policy(args, model)
+        rows = validation_rows(args.validation_prompts, args.validation_images, model)
+        self.samples = [self._encode(encoders, prepare_sample(row, model, policy)) for row in rows]
+        # What sampling needs besides the transformer; the text encoders are not kept.
+        pipe = encoders.pipe
+        self.vae, self.image_processor, self.vae_scale_factor = pipe.vae, pipe.image_processor, pipe.vae_scale_factor
+        self.unpack_latents = pipe._unpack_latents
+        self.scheduler = pipe.scheduler
+
+    def _encode(self, encoders: Encoders, prepared: PreparedSample) -> ValidationSample:
+        """Prompt embeddings and packed reference latents of one prepared edit, on the sampling device and dtype."""
+        text = encoders.encode_prompt(prepared.prompt, prepared.condition_images)
+        pooled = text.get("pooled_prompt_embeds")
+        latents = [encoders.encode_image(control) for control in prepared.controls]
+        height, width = prepared.target.shape[1:]
+        grids = [(height // (encoders.pipe.vae_scale_factor * 2), width // (encoders.pipe.vae_scale_factor * 2))]
+        grids += [(c.shape[1] // 2, c.shape[2] // 2) for c in latents]
+        return ValidationSample(
+            prompt=prepared.prompt,
+            height=height,
+            width=width,
+            prompt_embeds=text["prompt_embeds"].to(self.device, self.dtype),
+            pooled_prompt_embeds=None if pooled is None else pooled.to(self.device, self.dtype),
+            references=[pack_latents(c).to(self.device, self.dtype) for c in latents],
+            img_shapes=[(1, h, w) for h, w in grids],
+        )
+
+    def initial_latents(self, k: int, channels: int, seed: int) -> Tensor:
+        """Packed starting noise (N, 4 * channels) of sample k, as the pipeline draws it with seed `seed + k`."""
+        sample = self.samples[k]
+        multiple = self.vae_scale_factor * 2
+        shape = (channels, 2 * (sample.height // multiple), 2 * (sample.width // multiple))
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + k), dtype=self.dtype)
+        return pack_latents(noise).to(self.device)
+
+    @torch.no_grad()
+    def denoise(self, transformer: nn.Module, recipe: Recipe, args: argparse.Namespace) -> list[Tensor]:
+        """Final packed latents (N_k, C) of every sample, denoised together as one mixed-size batch."""
+        steps = args.validation_inference_steps
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        channels = base_model(transformer).config.in_channels // 4
+        latents, schedulers, attend = [], [], []
+        for k, sample in enumerate(self.samples):
+            x = self.initial_latents(k, channels, args.seed)
+            scheduler = copy.deepcopy(self.scheduler)  # each sample's own shifted schedule, as its pipeline sets it
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=shift_mu(x.shape[0], scheduler))
+            scheduler.set_begin_index(0)
+            latents.append(x)
+            schedulers.append(scheduler)
+            attend.append(x.shape[0] + sum(r.shape[0] for r in sample.references))
+        was_training = transformer.training
+        transformer.eval()
+        try:
+            for step in range(len(schedulers[0].timesteps)):
+                timesteps = [scheduler.timesteps[step] for scheduler in schedulers]
+                batch = NoisyBatch(
+                    sample_ids=[f"validation[{k}]" for k in range(len(self.samples))],
+                    noisy=[x.to(self.dtype) for x in latents],
+                    references=[s.references for s in self.samples],
+                    img_shapes=[s.img_shapes for s in self.samples],
+                    prompt_embeds=[s.prompt_embeds for s in self.samples],
+                    pooled_prompt_embeds=[s.pooled_prompt_embeds for s in self.samples] if self.is_flux else None,
+                    sigmas=torch.stack(timesteps).to(self.dtype) / 1000,  # the pipelines' timestep / 1000
+                    attend=attend,
+                )
+                predictions = recipe.predict(transformer, batch, args)
+                latents = [
+                    scheduler.step(prediction[None], t, x[None], return_dict=False)[0][0]
+                    for scheduler, prediction, t, x in zip(schedulers, predictions, timesteps, latents, strict=True)
+                ]
+        finally:
+            transformer.train(was_training)
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: list[Tensor]) -> list[PIL.Image.Image]:
+        """Each sample's packed latents unpacked and decoded with its pipeline's own VAE steps."""
+        config = self.vae.config
+        images = []
+        for x, sample in zip(latents, self.samples, strict=True):
+            z = self.unpack_latents(x[None], sample.height, sample.width, self.vae_scale_factor).to(self.vae.dtype)
+            if self.is_flux:
+                pixels = self.vae.decode(z / config.scaling_factor + config.shift_factor, return_dict=False)[0]
+            else:  # the 3-D VAE: normalised latents with a frame dimension
+                mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+                std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(z.device, z.dtype)
+                pixels = self.vae.decode(z / std + mean, return_dict=False)[0][:, :, 0]
+            images.append(self.image_processor.postprocess(pixels, output_type="pil")[0])
+        return images
+
+    def sample(self, transformer: nn.Module, recipe: Recipe, args: argparse.Namespace) -> list[PIL.Image.Image]:
+        """The validation images as `transformer` renders them now (eval mode meanwhile, its mode restored after)."""
+        return self.decode(self.denoise(transformer, recipe, args))
+
+    def save(self, images: list[PIL.Image.Image], step: int, accelerator: Accelerator) -> Path:
+        """Write `validation/step-<step>/<k>.png` under the output folder and log to W&B / TensorBoard."""
+        folder = self.output_dir / f"step-{step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, image in enumerate(images):
+            image.save(folder / f"{k}.png")
+        for tracker in accelerator.trackers:
+            if tracker.name == "wandb":
+                import wandb
+
+                captioned = [wandb.Image(image, caption=self.samples[k].prompt) for k, image in enumerate(images)]
+                tracker.log({"validation": captioned}, step=step)
+            elif tracker.name == "tensorboard":  # one entry per image: the sizes differ
+                for k, image in enumerate(images):
+                    tracker.log_images({f"validation/{k}": np.asarray(image)[None]}, step, dataformats="NHWC")
+        return folder

@@ -1,0 +1,40 @@
+"""`--demo` of every trainer, as a user runs it from the repository: tiny model, synthetic data, cache, 30 steps."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from trainer_harness import ENV, ROOT, SCRIPTS
+
+from common.demo import SIZES, write_dataset
+
+
+@pytest.mark.parametrize("model", list(SCRIPTS))
+def test_demo_trains_and_plots(model, tmp_path):
+    script = ROOT / f"{SCRIPTS[model]}.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--demo", "--report_to", "none"],
+        cwd=tmp_path,
+        env={**ENV, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "demo" / "output" / model
+    assert f"LoRA weights: {out / 'pytorch_lora_weights.safetensors'}" in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert max(r["padding_ratio"] for r in records) > 0, "the demo batches must mix sizes"
+    with Image.open(out / "training_curves.png") as plot:
+        assert plot.size[0] > 300 and plot.size[1] > 300
+
+
+def test_demo_data_mixes_sizes_and_reference_counts(tmp_path):
+    write_dataset(tmp_path, "qwen_edit_plus", rows=8)
+    sizes = {Image.open(p).size for p in tmp_path.glob("[0-9][0-9][0-9].png")}
+    assert sizes == set(SIZES)
+    controls = [len(list(tmp_path.glob(f"{i:03d}_control*.png"))) for i in range(8)]
+    assert set(controls) == {0, 1, 2}
+    assert (tmp_path / "000.txt").read_text() == "make the first shape red"

@@ -1,0 +1,205 @@
+"""common.validation: one mixed-size batch renders, per edit, what the stock pipeline renders for it alone."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import trainer_harness as harness
+from conftest import randomize_lora
+from diffusers import DiffusionPipeline, FluxKontextPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
+
+import train_flux_kontext
+import train_qwen_edit_plus
+from common import qwen_edit
+from common.lora import add_lora
+from common.training import Recipe
+from common.validation import Validation, validation_rows
+
+PROMPTS = [
+    "Make the sky blue and add a small red dog.",
+    "Turn the cat into a tiger sitting on a wooden chair.",
+    "Remove the person in the background, keep the lighting.",
+]
+SEED = 5
+STEPS = 4
+
+
+def _write(path: Path, width: int, height: int, seed: int) -> str:
+    """A random RGB PNG of width x height; returns its path."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def _flags(checkpoint: Path, tmp_path: Path, images: list[str], *extra: str) -> list[str]:
+    """Trainer flags with a validation set of len(images) edits, 4 sampling steps and seed SEED."""
+    return [
+        "--pretrained_model_name_or_path", str(checkpoint), "--dataset", str(tmp_path), "--output_dir",
+        str(tmp_path / "out"), "--validation_steps", "1", "--validation_prompts", *PROMPTS[: len(images)],
+        "--validation_images", *images, "--validation_inference_steps", str(STEPS), "--seed", str(SEED), *extra,
+    ]  # fmt: skip
+
+
+def _trained_transformer(checkpoint: Path, recipe: Recipe) -> torch.nn.Module:
+    """The checkpoint's transformer as training holds it: mixed-batch hooks, a LoRA with nonzero B, train mode."""
+    transformer = recipe.transformer_class.from_pretrained(checkpoint, subfolder="transformer")
+    recipe.install_mixed(transformer, "auto")
+    add_lora(transformer, 4, 4.0, list(recipe.lora_targets), recipe.unused_modules(transformer))
+    randomize_lora(transformer)
+    return transformer.train()
+
+
+def _sample_and_watch(
+    validation: Validation, transformer: torch.nn.Module, recipe: Recipe, args: argparse.Namespace
+) -> tuple[list[torch.Tensor], list[PIL.Image.Image], list[tuple[bool, int]]]:
+    """Final latents and images of the validation set, and (training mode, batch size) of every transformer call."""
+    calls: list[tuple[bool, int]] = []
+
+    def watch(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        calls.append((module.training, kwargs["hidden_states"].shape[0]))
+
+    handle = transformer.register_forward_pre_hook(watch, with_kwargs=True)
+    try:
+        latents = validation.denoise(transformer, recipe, args)
+    finally:
+        handle.remove()
+    return latents, validation.decode(latents), calls
+
+
+def _stock(pipe: DiffusionPipeline, k: int, **kwargs: Any) -> tuple[torch.Tensor, PIL.Image.Image]:
+    """Final packed latents (N, C) and image of sample k rendered alone by the stock pipeline, from seed SEED + k."""
+    final: dict[str, torch.Tensor] = {}
+
+    def keep_latents(pipe: DiffusionPipeline, step: int, t: torch.Tensor, tensors: dict) -> dict:
+        final["latents"] = tensors["latents"]
+        return {}
+
+    image = pipe(
+        prompt=PROMPTS[k],
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(SEED + k),
+        callback_on_step_end=keep_latents,
+        **kwargs,
+    ).images[0]
+    return final["latents"][0], image
+
+
+def _check_equal(latents: torch.Tensor, image: PIL.Image.Image, stock: tuple[torch.Tensor, PIL.Image.Image]) -> None:
+    """Same latents up to float rounding of the mixed forward, same pixels up to 1/255."""
+    stock_latents, stock_image = stock
+    assert latents.shape == stock_latents.shape
+    assert (latents - stock_latents).abs().max() <= 1e-5 * stock_latents.abs().max()
+    assert image.size == stock_image.size
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(stock_image, dtype=int)).max() <= 1
+
+
+def test_flux_kontext_batch_equals_stock_pipeline_per_sample(tiny_checkpoint: Any, tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint("flux_kontext")
+    # (w, h) the policy keeps as they are (64*64 area for the small ones, 128*128 for 160x96), so the pipeline,
+    # which keeps its image's size with _auto_resize=False, gets the same reference as validation.
+    sizes = [(64, 64), (160, 96), (48, 80)]
+    images = [_write(tmp_path / f"{k}.png", w, h, seed=k) for k, (w, h) in enumerate(sizes)]
+    extra = ("--multi_resolutions", "64*64", "128*128", "--max_sequence_length", "32")
+    args = train_flux_kontext.parse_args(_flags(checkpoint, tmp_path, images, *extra))
+    recipe = train_flux_kontext.RECIPE
+    transformer = _trained_transformer(checkpoint, recipe)
+
+    validation = Validation(args, recipe.model, torch.device("cpu"), torch.float32)
+    assert [(s.width, s.height) for s in validation.samples] == sizes
+    assert [s.img_shapes for s in validation.samples] == [[(1, h // 16, w // 16)] * 2 for w, h in sizes]
+    latents, rendered, calls = _sample_and_watch(validation, transformer, recipe, args)
+    assert calls == [(False, 3)] * STEPS  # all samples in one eval-mode batch per step
+    assert transformer.training
+    assert [image.size for image in rendered] == sizes
+    assert [image.size for image in validation.sample(transformer, recipe, args)] == sizes
+
+    pipe = FluxKontextPipeline.from_pretrained(checkpoint, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    for k, (w, h) in enumerate(sizes):
+        image = PIL.Image.open(images[k])
+        stock = _stock(
+            pipe, k, image=image, height=h, width=w, max_area=h * w, _auto_resize=False, guidance_scale=1.0,
+            max_sequence_length=32,
+        )  # fmt: skip
+        _check_equal(latents[k], rendered[k], stock)
+
+
+@pytest.mark.parametrize("kit", ["qwen_edit_plus", "qwen_edit_2511"])  # 2511: references modulated with t = 0
+def test_qwen_edit_plus_batch_equals_stock_pipeline_per_sample(
+    kit: str, tiny_checkpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = tiny_checkpoint(kit)
+    raw = [(150, 100), (100, 100), (90, 180)]
+    paths = [_write(tmp_path / f"{k}.png", w, h, seed=10 + k) for k, (w, h) in enumerate(raw)]
+    # Sample 1 has two references; each output is sized from its first one.
+    entries = [paths[0], f"{paths[1]},{paths[2]}", paths[2]]
+    sizes = [(160, 96), (128, 128), (96, 192)]
+    # The stock pipeline sizes every reference to VAE_IMAGE_SIZE (1 MP; several seconds per VAE pass on CPU) with
+    # the rule the policy applies with --target_area; both use 128*128 here, the pipeline's code otherwise as is.
+    monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 128 * 128)
+    args = qwen_edit.parse_args("", _flags(checkpoint, tmp_path, entries, "--target_area", "128*128"))
+    recipe = train_qwen_edit_plus.RECIPE
+    transformer = _trained_transformer(checkpoint, recipe)
+
+    validation = Validation(args, recipe.model, torch.device("cpu"), torch.float32)
+    assert [(s.width, s.height) for s in validation.samples] == sizes
+    assert [len(s.references) for s in validation.samples] == [1, 2, 1]
+    latents, rendered, calls = _sample_and_watch(validation, transformer, recipe, args)
+    assert calls == [(False, 3)] * STEPS
+    assert transformer.training
+    assert [image.size for image in rendered] == sizes
+
+    pipe = QwenImageEditPlusPipeline.from_pretrained(checkpoint, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    for k, entry in enumerate(entries):
+        w, h = sizes[k]
+        image = [PIL.Image.open(path) for path in entry.split(",")]
+        stock = _stock(pipe, k, image=image, height=h, width=w, true_cfg_scale=1.0)
+        _check_equal(latents[k], rendered[k], stock)
+
+
+def test_validation_rows_check_the_reference_count() -> None:
+    rows = validation_rows(["edit it", "merge them"], ["a.png", " b.png , c.png "], "qwen_edit_plus")
+    assert [(r.target, r.controls) for r in rows] == [("a.png", ("a.png",)), ("b.png", ("b.png", "c.png"))]
+    assert rows[1].sources == {
+        "image": "b.png",
+        "control_0": "b.png",
+        "control_1": "c.png",
+        "caption": "--validation_prompts[1]",
+    }
+    with pytest.raises(ValueError, match="takes one control image"):
+        validation_rows(["edit"], ["a.png,b.png"], "flux_kontext")
+    with pytest.raises(ValueError, match="names no image"):
+        validation_rows(["edit"], [" , "], "qwen_edit_plus")
+
+
+def test_training_saves_and_logs_validation_without_changing_the_run(
+    tiny_checkpoint: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = "flux_kontext"
+    flags = harness.data_flags(model, tiny_checkpoint(model), harness.dataset(tmp_path, model, rows=4))
+    control = _write(tmp_path / "control.png", 160, 96, seed=0)
+    plain = harness.train_inprocess(model, [*flags, *harness.train_flags(tmp_path / "plain")])
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    validation = [
+        "--validation_steps", "2", "--validation_prompts", *PROMPTS[:2], "--validation_images", control, control,
+        "--validation_inference_steps", "2", "--report_to", "wandb",
+    ]  # fmt: skip
+    out = tmp_path / "validated"
+    validated = harness.train_inprocess(model, [*flags, *harness.train_flags(out), *validation])
+
+    first, second = harness.lora(plain), harness.lora(validated)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    for step in (2, 4):
+        saved = sorted((out / "validation" / f"step-{step}").iterdir())
+        assert [p.name for p in saved] == ["0.png", "1.png"]
+        assert all(PIL.Image.open(p).size == (160, 96) for p in saved)
+    logged = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/validation_*.png"))
+    assert len(logged) == 4
