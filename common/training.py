@@ -3,8 +3,9 @@
 One optimizer step = `--gradient_accumulation_steps` micro-batches per process. Each sample draws its own noise,
 sigma and dropout coins from a generator keyed by (seed, epoch, dataset index) (`common.flow_matching`), batches
 come from a resumable sampler that splits every global batch across ranks, and the loss is normalised by the
-target tokens of the whole global micro-batch. Together these make a 2-process run equal a 1-process run with the
-same global batch, and a resumed run bitwise equal an uninterrupted one on CPU.
+target tokens of all micro-batches of the step on all ranks. Together these make a 2-process run equal a
+1-process run with the same global batch, accumulation equal a larger batch, and a resumed run bitwise equal an
+uninterrupted one on CPU.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 
 import torch
@@ -330,14 +332,20 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
     while state.step < args.max_train_steps:
         started = time.perf_counter()
         totals = {"loss": 0.0, "tokens": 0.0, "padding_ratio": 0.0}
-        for micro in range(args.gradient_accumulation_steps):
-            epoch, batch = next(batches)
+        # The step's micro-batches are fetched first so the loss can be normalised by the target tokens of all of
+        # them on all ranks: accumulating k micro-batches then equals one k times larger batch.
+        step_batches = [next(batches) for _ in range(args.gradient_accumulation_steps)]
+        target_tokens = sum(prod(shapes[0]) for _, batch in step_batches for shapes in batch["img_shapes"])
+        global_target_tokens = accelerator.reduce(torch.tensor(float(target_tokens), device=accelerator.device))
+        for micro, (epoch, batch) in enumerate(step_batches):
             last = micro == args.gradient_accumulation_steps - 1
             with nullcontext() if last else accelerator.no_sync(transformer):
-                loss, stats = _micro_step(accelerator, transformer, recipe, args, scheduler, data, batch, epoch, state)
-                accelerator.backward(loss / args.gradient_accumulation_steps)
+                loss, stats = _micro_step(
+                    accelerator, transformer, recipe, args, scheduler, data, batch, epoch, state, global_target_tokens
+                )
+                accelerator.backward(loss)
             for key in totals:
-                totals[key] += stats[key] / (1 if key == "tokens" else args.gradient_accumulation_steps)
+                totals[key] += stats[key] / (args.gradient_accumulation_steps if key == "padding_ratio" else 1)
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
@@ -386,19 +394,18 @@ def _micro_step(
     batch: dict,
     epoch: int,
     state: TrainState,
+    global_target_tokens: Tensor,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Loss of one micro-batch, scaled so DDP's gradient average gives the global-token mean; stops on NaN/inf."""
+    """This micro-batch's share of the step loss (squared errors over the target tokens of the whole step on all
+    ranks), scaled so DDP's gradient average gives the global-token mean; stops on NaN/inf before backward."""
     dtype = _weight_dtype(accelerator)
     noisy_batch, targets, weights = make_noisy_batch(batch, epoch, args, scheduler, data, accelerator.device, dtype)
     predictions = recipe.predict(transformer, noisy_batch, args)
     pred, valid = pad_sequences(predictions)
     target, _ = pad_sequences(targets)
     weight = pad_sequences(weights)[0] if weights is not None else None
-    local = torch.tensor(
-        [float(valid.sum()), sum(batch["lengths"]) + sum(p.shape[0] for p in noisy_batch.prompt_embeds)],
-        device=accelerator.device,
-    )
-    global_target_tokens, global_tokens = accelerator.reduce(local, "sum").tolist()
+    local_tokens = sum(batch["lengths"]) + sum(p.shape[0] for p in noisy_batch.prompt_embeds)
+    global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device)).item()
     loss = masked_mse_loss(pred, target, valid, weight, global_valid_tokens=global_target_tokens)
     loss = loss * accelerator.num_processes
     reported = accelerator.reduce(loss.detach(), "mean").item()

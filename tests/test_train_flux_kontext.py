@@ -5,3 +5,26 @@ import trainer_harness as h
 
 class TestKontext(h.TrainerCases, h.EqualSizeCases):
     MODEL = KIT = "flux_kontext"
+
+    def test_accumulation_equals_a_larger_batch(self, kit, tmp_path):
+        argv = [*kit["flags"], "--cache_dir", str(kit["cache"])]
+        h.train_inprocess(self.MODEL, [*h.train_flags(tmp_path / "big"), *argv, "--train_batch_size", "4"])
+        accumulated = ["--train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+        h.train_inprocess(self.MODEL, [*h.train_flags(tmp_path / "acc"), *argv, *accumulated])
+        h.check_same_lora(tmp_path / "big" / h.LORA_FILE, tmp_path / "acc" / h.LORA_FILE)
+        big, acc = h.metrics(tmp_path / "big"), h.metrics(tmp_path / "acc")
+        assert all(abs(a["loss"] - b["loss"]) <= 1e-5 * b["loss"] for a, b in zip(acc, big, strict=True))
+
+    def test_other_training_options_run(self, kit, tmp_path):
+        options = [
+            "--group_by_length", "--gradient_checkpointing", "--timestep_sampling", "logit_normal",
+            "--caption_dropout", "0.5", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
+            "--checkpoints_total_limit", "1", "--attention_backend", "masked", "--guidance_scale", "2.5",
+        ]  # fmt: skip
+        h.train_inprocess(
+            self.MODEL, [*kit["flags"], "--cache_dir", str(kit["cache"]), *h.train_flags(tmp_path), *options]
+        )
+        records = h.metrics(tmp_path)
+        assert [r["lr"] for r in records[:2]] == [5e-4, 1e-3]  # linear warm-up over 2 steps, then cosine decay
+        assert records[3]["lr"] < records[2]["lr"]
+        assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
