@@ -22,6 +22,22 @@ from common.tiny import tiny_transformer
 TARGETS = [(16, 16), (24, 20), (32, 24), (20, 12)]
 TEXT_LEN = 32
 
+# Small transformer configurations (also used by bench/train_step.py --tiny): a few blocks of width 128.
+TINY_CONFIG: dict[str, dict] = {
+    "flux_kontext": dict(
+        num_layers=2,
+        num_single_layers=4,
+        num_attention_heads=4,
+        attention_head_dim=32,
+        axes_dims_rope=[8, 12, 12],
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+    ),
+    "qwen_edit": dict(
+        num_layers=4, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=[8, 12, 12], joint_attention_dim=64
+    ),
+}
+
 
 def _time(cases: dict[str, Callable[[], torch.Tensor]], device: torch.device, repeats: int) -> dict[str, float]:
     """Median seconds of forward + backward of each case, measured in interleaved rounds after a warm-up round."""
@@ -54,16 +70,7 @@ def _grids(scale: int) -> list[tuple[tuple[int, int], tuple[int, int]]]:
 
 def flux_cases(device: torch.device, dtype: torch.dtype, scale: int) -> tuple[dict[str, Callable], list[int]]:
     """Callables returning a scalar loss for each way of running the FLUX batch, and the token counts."""
-    model = tiny_transformer(
-        "flux_kontext",
-        num_layers=2,
-        num_single_layers=4,
-        num_attention_heads=4,
-        attention_head_dim=32,
-        axes_dims_rope=[8, 12, 12],
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-    ).to(device, dtype)
+    model = tiny_transformer("flux_kontext", **TINY_CONFIG["flux_kontext"]).to(device, dtype)
     g = torch.Generator().manual_seed(0)
     grids = _grids(scale)
     hidden = [torch.randn(t[0] * t[1] + r[0] * r[1], 64, generator=g).to(device, dtype) for t, r in grids]
@@ -105,14 +112,7 @@ def flux_cases(device: torch.device, dtype: torch.dtype, scale: int) -> tuple[di
 
 def qwen_cases(device: torch.device, dtype: torch.dtype, scale: int) -> tuple[dict[str, Callable], list[int]]:
     """Callables returning a scalar loss for each way of running the Qwen-Image batch, and the token counts."""
-    model = tiny_transformer(
-        "qwen_edit",
-        num_layers=4,
-        num_attention_heads=4,
-        attention_head_dim=32,
-        axes_dims_rope=[8, 12, 12],
-        joint_attention_dim=64,
-    ).to(device, dtype)
+    model = tiny_transformer("qwen_edit", **TINY_CONFIG["qwen_edit"]).to(device, dtype)
     g = torch.Generator().manual_seed(0)
     shapes = [[(1, *t), (1, *r)] for t, r in _grids(scale)]
     hidden = [torch.randn(sum(h * w for _, h, w in s), 64, generator=g).to(device, dtype) for s in shapes]

@@ -55,6 +55,7 @@ from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 from peft import LoraConfig
 from torch import Tensor, nn
 
+from bench.mixed_forward import TINY_CONFIG
 from bench.padding_ratio import synthetic_sizes
 from common import flux, qwen
 from common.attention import BACKENDS, MixedAttention, available_backends, base_model
@@ -67,20 +68,6 @@ from common.tiny import tiny_transformer
 MODELS = ("flux_kontext", "qwen_edit")
 NAMES = {"flux_kontext": "FLUX.1 Kontext", "qwen_edit": "Qwen-Image-Edit"}
 FULL_CONFIG: dict[str, dict] = {"flux_kontext": {"guidance_embeds": True}, "qwen_edit": {}}
-TINY_CONFIG: dict[str, dict] = {
-    "flux_kontext": dict(
-        num_layers=2,
-        num_single_layers=4,
-        num_attention_heads=4,
-        attention_head_dim=32,
-        axes_dims_rope=[8, 12, 12],
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-    ),
-    "qwen_edit": dict(
-        num_layers=4, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=[8, 12, 12], joint_attention_dim=64
-    ),
-}
 AREAS = (512, 768, 1024)  # square sides of the multi_resolutions pixel areas
 FLUX_TEXT_LEN = 512
 QWEN_TEXT_LEN = (100, 300)

@@ -27,7 +27,7 @@ DEMO_DIR = Path("demo")
 SIZES = [(256, 256), (320, 192), (192, 320), (384, 256), (256, 384), (192, 192), (448, 192), (224, 288)]
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 CONTROLS_PER_ROW = {"flux_kontext": (1,), "qwen_edit": (1,), "qwen_edit_plus": (1, 2, 1, 0)}
-# Runs the exact multi-process accelerate environment strips, so the cache step is a plain single process.
+# Launcher variables removed from the cache step's environment, so it runs as a plain single process.
 _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from common.checkpoints import resolve_resume, save_checkpoint, step_of
 from common.encoders import pack_latents
 from common.flow_matching import noisy_and_target, sample_generator, sample_sigma
-from common.lora import COMFYUI_FILE, add_lora, load_lora, save_lora
+from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora
 from common.loss import edit_mask_weights, masked_mse_loss
 from common.padding import pad_sequences, padding_ratio
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, collate_ragged
@@ -97,7 +97,6 @@ def micro_batches(loader: DataLoader, state: TrainState) -> Iterator[tuple[int, 
     """Endless (epoch, batch) stream from the resume point on; `state` counts what was handed out."""
     sampler = loader.batch_sampler
     while True:
-        sampler.set_epoch(state.epoch)
         sampler.load_state_dict({"epoch": state.epoch, "batches_done": state.batches_done})
         for batch in loader:
             state.batches_done += 1
@@ -372,7 +371,7 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
             save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit)
 
     accelerator.wait_for_everyone()
-    lora_file = output_dir / "pytorch_lora_weights.safetensors"
+    lora_file = output_dir / LORA_FILE
     if accelerator.is_main_process:
         lora_file = save_lora(recipe.pipeline_class, transformer, output_dir)
         if args.export_comfyui:
@@ -404,16 +403,21 @@ def _micro_step(
     pred, valid = pad_sequences(predictions)
     target, _ = pad_sequences(targets)
     weight = pad_sequences(weights)[0] if weights is not None else None
-    local_tokens = sum(batch["lengths"]) + sum(p.shape[0] for p in noisy_batch.prompt_embeds)
-    global_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=accelerator.device)).item()
     loss = masked_mse_loss(pred, target, valid, weight, global_valid_tokens=global_target_tokens)
     loss = loss * accelerator.num_processes
-    reported = accelerator.reduce(loss.detach(), "mean").item()
+    # One all-reduce for everything logged: loss and padding ratio are averaged over ranks, real tokens summed.
+    local_tokens = sum(batch["lengths"]) + sum(p.shape[0] for p in noisy_batch.prompt_embeds)
+    logged = torch.tensor([padding_ratio(batch["lengths"]), float(local_tokens)], device=loss.device)
+    summed = accelerator.reduce(torch.cat([loss.detach().float()[None], logged])).tolist()
+    reported, pad, global_tokens = (
+        summed[0] / accelerator.num_processes,
+        summed[1] / accelerator.num_processes,
+        summed[2],
+    )
     if not math.isfinite(reported):
         sample_ids = gather_object(noisy_batch.sample_ids)
         raise TrainingDiverged(
             f"loss is {reported} at step {state.step + 1} (epoch {epoch}); samples in this batch: {sample_ids}. "
             f"Nothing was applied from this step; checkpoints already saved in {args.output_dir} are intact."
         )
-    pad = accelerator.reduce(torch.tensor(padding_ratio(batch["lengths"]), device=accelerator.device), "mean")
-    return loss, {"loss": reported, "tokens": global_tokens, "padding_ratio": float(pad)}
+    return loss, {"loss": reported, "tokens": global_tokens, "padding_ratio": pad}

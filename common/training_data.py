@@ -155,6 +155,18 @@ def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
     return TrainingData(CachedRows(dataset), token_counts(dataset), empty_prompt, cached=True)
 
 
+def encoders_for(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> Encoders:
+    """The frozen encoders of the checkpoint the flags name (for on-the-fly data and for validation)."""
+    return load_encoders(
+        model,
+        args.pretrained_model_name_or_path,
+        device=device,
+        dtype=dtype,
+        revision=args.revision,
+        max_sequence_length=getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH),
+    )
+
+
 def _open_uncached(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> TrainingData:
     """Rows of --dataset, validated now and encoded on access by `model`'s encoders on device/dtype."""
     policy = resolution_policy(args, model)
@@ -168,14 +180,7 @@ def _open_uncached(args: argparse.Namespace, model: str, device: torch.device, d
         print(f"skipped {len(skipped)} bad sample(s):\n  " + "\n  ".join(reason for _, reason in skipped))
     if not checked:
         raise ValueError(f"dataset {args.dataset!r}: no usable rows")
-    encoders = load_encoders(
-        model,
-        args.pretrained_model_name_or_path,
-        device=device,
-        dtype=dtype,
-        revision=args.revision,
-        max_sequence_length=getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH),
-    )
+    encoders = encoders_for(args, model, device, dtype)
     empty_prompt = encoders.encode_prompt("") if encoders.is_flux else None
     rows = [row for row, _ in checked]
     return TrainingData(EncodedRows(rows, model, policy, encoders), [n for _, n in checked], empty_prompt, cached=False)

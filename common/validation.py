@@ -34,9 +34,10 @@ from torch import Tensor, nn
 from common.attention import base_model
 from common.cli import resolution_policy
 from common.data import EditRow, PreparedSample, prepare_sample
-from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, Encoders, load_encoders, pack_latents
+from common.encoders import Encoders, pack_latents
 from common.flow_matching import shift_mu
 from common.training import NoisyBatch, Recipe
+from common.training_data import encoders_for
 
 VALIDATION_DIR = "validation"
 MULTI_REFERENCE_MODELS = ("qwen_edit_plus", "qwen_edit_2511")
@@ -83,14 +84,7 @@ class Validation:
     ) -> None:
         """Prepare and encode every validation edit (with `encoders` if given, else ones loaded here on device)."""
         if encoders is None:
-            encoders = load_encoders(
-                model,
-                args.pretrained_model_name_or_path,
-                device=device,
-                dtype=dtype,
-                revision=args.revision,
-                max_sequence_length=getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH),
-            )
+            encoders = encoders_for(args, model, device, dtype)
         self.device, self.dtype, self.is_flux = device, dtype, encoders.is_flux
         self.output_dir = Path(args.output_dir) / VALIDATION_DIR
         policy = resolution_policy(args, model)

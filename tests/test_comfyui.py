@@ -24,26 +24,14 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import train_flux_kontext
+from common import qwen_edit
 from common.comfyui import comfyui_state_dict, save_comfyui_lora
 from common.encoders import PIPELINES
 from common.tiny import tiny_transformer
 
-FLUX_DEFAULT_TARGETS = [
-    "attn.to_k",
-    "attn.to_q",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_k_proj",
-    "attn.add_q_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-    "proj_out",
-]
+# The Kontext trainer's defaults plus the single blocks' proj_out.
+FLUX_DEFAULT_TARGETS = [*train_flux_kontext.LORA_TARGETS, "proj_out"]
 FLUX_EVERY_LINEAR = FLUX_DEFAULT_TARGETS + [
     "norm1.linear",
     "norm1_context.linear",
@@ -56,20 +44,7 @@ FLUX_EVERY_LINEAR = FLUX_DEFAULT_TARGETS + [
 ]
 # Fused BFL linears with some parts unadapted: img qkv without k, txt qkv with only k, linear1 without k.
 FLUX_PARTIAL = ["attn.to_q", "attn.to_v", "attn.add_k_proj", "proj_mlp"]
-QWEN_TARGETS = [
-    "to_q",
-    "to_k",
-    "to_v",
-    "to_out.0",
-    "add_q_proj",
-    "add_k_proj",
-    "add_v_proj",
-    "to_add_out",
-    "img_mlp.net.0.proj",
-    "img_mlp.net.2",
-    "txt_mlp.net.0.proj",
-    "txt_mlp.net.2",
-]
+QWEN_TARGETS = list(qwen_edit.LORA_TARGETS)
 # BFL FLUX linears as ComfyUI's `comfy.utils.flux_to_diffusers` lays them out: the diffusers linears whose weights
 # they stack by rows, in row order.
 BFL_DOUBLE = {
