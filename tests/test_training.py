@@ -117,3 +117,55 @@ def test_micro_batches_resume_where_the_state_says():
     resumed_state.load_state_dict({"step": 0, "epoch": 1, "batches_done": 1})
     resumed = micro_batches(loader, resumed_state)
     assert [next(resumed)[1]["index"] for _ in range(4)] == [b["index"] for _, b in full[5:9]]
+
+
+def flux_rows():
+    """Collated FLUX-style rows (pooled CLIP embedding per row) with targets of 2x2, 16x12 and 3x2 tokens and
+    references of other sizes than their targets, so the batch's largest sample is neither the first nor the last."""
+    g = torch.Generator().manual_seed(1)
+    latents = lambda h, w: torch.randn(4, 2 * h, 2 * w, generator=g)  # noqa: E731
+    grids = [((2, 2), [(3, 1)]), ((16, 12), [(2, 5)]), ((3, 2), [])]
+    items = [
+        dict(
+            index=index,
+            sample_id=str(index),
+            target_latents=latents(*target),
+            control_latents=[latents(*r) for r in refs],
+            prompt_embeds=torch.randn(5, 8, generator=g),
+            pooled_prompt_embeds=torch.randn(6, generator=g),
+            img_shapes=[[1, *target], *([1, *r] for r in refs)],
+        )
+        for index, (target, refs) in zip((4, 11, 7), grids, strict=True)
+    ]
+    return collate_ragged(items)
+
+
+def flux_empty_prompt():
+    g = torch.Generator().manual_seed(2)
+    return {"prompt_embeds": torch.randn(5, 8, generator=g), "pooled_prompt_embeds": torch.randn(6, generator=g)}
+
+
+def flux_noisy(batch, scheduler, **overrides):
+    data = TrainingData(dataset=None, lengths=[], empty_prompt=flux_empty_prompt(), cached=True)
+    return make_noisy_batch(batch, 0, args(**overrides), scheduler, data, torch.device("cpu"), torch.float32)[0]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 1.0])
+def test_flux_caption_dropout_replaces_the_pooled_embedding_too(scheduler, dropout):
+    batch, empty = flux_rows(), flux_empty_prompt()
+    nb = flux_noisy(batch, scheduler, caption_dropout=dropout)
+    expected_t5 = [empty["prompt_embeds"]] * 3 if dropout else batch["prompt_embeds"]
+    expected_pooled = [empty["pooled_prompt_embeds"]] * 3 if dropout else batch["pooled_prompt_embeds"]
+    assert all(torch.equal(p, e) for p, e in zip(nb.prompt_embeds, expected_t5, strict=True))
+    # The unconditional sample must not keep its caption's CLIP embedding.
+    assert all(torch.equal(p, e) for p, e in zip(nb.pooled_prompt_embeds, expected_pooled, strict=True))
+
+
+@pytest.mark.parametrize("sampling", ["shift", "logit_normal"])
+def test_every_sample_draws_alike_alone_and_in_a_mixed_batch(scheduler, sampling):
+    batch = flux_rows()
+    both = flux_noisy(batch, scheduler, timestep_sampling=sampling)
+    for i in range(3):
+        alone = flux_noisy({k: v[i : i + 1] for k, v in batch.items()}, scheduler, timestep_sampling=sampling)
+        assert alone.sigmas[0] == both.sigmas[i], f"sample {i}"
+        assert torch.equal(alone.noisy[0], both.noisy[i]), f"sample {i}"
