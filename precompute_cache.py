@@ -14,10 +14,11 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from common.cache import CacheWriter, finalize_cache, save_tensors_atomic
-from common.cli import MODELS, add_data_args, add_model_args, resolution_policy
+from common.cli import add_data_args, add_model_args, resolution_policy
 from common.data import BadSampleError, prepare_sample, read_rows
-from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, encode_row, load_encoders
-from common.training_data import data_fingerprint
+from common.encoders import encode_row, load_encoders
+from common.models import MODELS, get_model
+from common.training_data import data_fingerprint, text_length
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 
@@ -25,11 +26,11 @@ EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags: the model, where the data comes from and how it is sized, where the cache goes."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, choices=MODELS)
+    parser.add_argument("--model", required=True, choices=list(MODELS))
     add_model_args(parser)
     add_data_args(parser)
     parser.add_argument("--rebuild_cache", action="store_true", help="discard an existing cache and encode again")
-    parser.add_argument("--max_sequence_length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH, help="T5 tokens (FLUX)")
+    parser.add_argument("--max_sequence_length", type=int, default=None, help="text tokens (default: the model's)")
     parser.add_argument("--shard_size", type=int, default=32, help="rows per atomically written shard")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="encoder dtype")
     args = parser.parse_args(argv)
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> None:
     """Encode this process's share of the rows, then (main process) merge-check and finalize the cache."""
     accelerator = Accelerator()
-    policy = resolution_policy(args, args.model)
+    model = get_model(args.model)
+    policy = resolution_policy(args, model)
     rows = read_rows(
         args.dataset,
         image_column=args.image_column,
@@ -49,7 +51,7 @@ def main(args: argparse.Namespace) -> None:
         caption_column=args.caption_column,
         mask_column=args.mask_column,
     )
-    settings = data_fingerprint(args, args.model, rows)
+    settings = data_fingerprint(args, model, rows)
     # Process 0 clears an old cache on --rebuild_cache before the others open theirs.
     with accelerator.main_process_first():
         writer = CacheWriter(
@@ -62,12 +64,12 @@ def main(args: argparse.Namespace) -> None:
         )
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     encoders = load_encoders(
-        args.model,
+        model,
         args.pretrained_model_name_or_path,
         device=accelerator.device,
         dtype=dtype,
         revision=args.revision,
-        max_sequence_length=args.max_sequence_length,
+        max_sequence_length=text_length(args, model),
     )
     done = writer.done_indices()
     mine = [r for r in rows[accelerator.process_index :: accelerator.num_processes] if r.index not in done]
@@ -75,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
     with writer:
         for row in tqdm(mine, desc="encoding", disable=not accelerator.is_local_main_process):
             try:
-                prepared = prepare_sample(row, args.model, policy)
+                prepared = prepare_sample(row, model, policy)
             except BadSampleError as error:
                 if not args.skip_bad_samples:
                     raise
@@ -86,9 +88,9 @@ def main(args: argparse.Namespace) -> None:
     skipped = gather_object(skipped)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # FLUX text embeddings do not depend on the images, so one empty-prompt embedding serves caption dropout.
+        # Where text embeddings do not depend on the images, one empty-prompt embedding serves caption dropout.
         extra = {}
-        if args.model == "flux_kontext":
+        if not model.prompt_sees_images:
             save_tensors_atomic(f"{args.cache_dir}/{EMPTY_PROMPT_FILE}", encoders.encode_prompt("", []))
             extra["empty_prompt"] = EMPTY_PROMPT_FILE
         finalize_cache(args.cache_dir, settings, len(rows), extra=extra)

@@ -10,16 +10,22 @@
 
 The control image conditions both the Qwen2.5-VL prompt embedding (the pipeline's template) and the VAE reference
 tokens appended after the target; `common.qwen.mixed_forward` gives every sample its own image and text positions.
+The model is `common/models/qwen_edit.py`; the loop is `common/training.py`.
 """
 
-from diffusers import QwenImageEditPipeline
+import argparse
 
+from common.cli import parse_training_args
 from common.demo import run
-from common.qwen_edit import parse_args, recipe
+from common.models.qwen_edit import QWEN_EDIT
 
-MODEL = "qwen_edit"
+MODEL = QWEN_EDIT
 
-RECIPE = recipe(MODEL, QwenImageEditPipeline)
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The shared trainer flags and the model's own (`EditModel.add_args`)."""
+    return parse_training_args(MODEL, __doc__.split("\n\n")[0], argv)
+
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.split("\n\n")[0]), RECIPE)
+    run(parse_args(), MODEL)

@@ -11,16 +11,22 @@
 
 What differs from Qwen-Image-Edit is the pipeline: 0 to n control images per sample (the count may differ inside
 a batch), each one a "Picture k:" entry of the prompt at the condition size and a reference at the VAE size.
+The model is `common/models/qwen_edit.py`; the loop is `common/training.py`.
 """
 
-from diffusers import QwenImageEditPlusPipeline
+import argparse
 
+from common.cli import parse_training_args
 from common.demo import run
-from common.qwen_edit import parse_args, recipe
+from common.models.qwen_edit import QWEN_EDIT_PLUS
 
-MODEL = "qwen_edit_plus"
+MODEL = QWEN_EDIT_PLUS
 
-RECIPE = recipe(MODEL, QwenImageEditPlusPipeline)
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The shared trainer flags and the model's own (`EditModel.add_args`)."""
+    return parse_training_args(MODEL, __doc__.split("\n\n")[0], argv)
+
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.split("\n\n")[0]), RECIPE)
+    run(parse_args(), MODEL)

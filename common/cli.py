@@ -1,11 +1,13 @@
 """Command-line flags shared by `precompute_cache.py` and the training scripts, defined once with the same names."""
 
 import argparse
+from functools import partial
 
 from common.flow_matching import TIMESTEP_SAMPLING
-from common.resolution import ResolutionPolicy
+from common.models import EditModel, get_model
+from common.resolution import ResolutionPolicy, parse_resolution, size_for_area
 
-MODELS = ("flux_kontext", "qwen_edit", "qwen_edit_plus")
+CONTROL_RESOLUTIONS = ("target", "pipeline")
 
 
 def add_model_args(parser: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -29,22 +31,50 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     size.add_argument("--multi_resolutions", nargs="+", default=None, help="candidate areas, e.g. 512*512 768*768")
     size.add_argument("--target_area", default="1024*1024", help="single area when no other size is given")
     size.add_argument("--max_aspect_ratio", type=float, default=3.0, help="centre-crop images beyond this ratio")
+    size.add_argument(
+        "--control_resolution",
+        default="target",
+        type=_control_resolution,
+        help="control images: 'target' (sized like targets), 'pipeline' (as the model's pipeline sizes them at "
+        "inference, about 1 MP) or an area such as 768*768",
+    )
 
 
-def resolution_policy(args: argparse.Namespace, model: str) -> ResolutionPolicy:
+def _control_resolution(value: str) -> str:
+    """--control_resolution: 'target', 'pipeline' or an area ("768*768", "768x768", a pixel count)."""
+    if value in CONTROL_RESOLUTIONS:
+        return value
+    try:
+        parse_resolution(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected 'target', 'pipeline' or an area like 768*768: {error}") from error
+    return value
+
+
+def resolution_policy(args: argparse.Namespace, model: EditModel | str) -> ResolutionPolicy:
     """The ResolutionPolicy the flags describe, with the multiple and rounding of `model`'s pipeline."""
+    model = get_model(model)
     fixed = None
     if args.resolution:
         width, _, height = args.resolution.lower().partition("x")
         if not (width.isdecimal() and height.isdecimal()):
             raise ValueError(f"--resolution must look like 1024x768, got {args.resolution!r}")
         fixed = (int(width), int(height))
-    return ResolutionPolicy.for_model(
-        model,
+    control = getattr(args, "control_resolution", "target")
+    if control == "target":
+        control_size = None
+    elif control == "pipeline":
+        control_size = model.inference_reference_size
+    else:
+        control_size = partial(
+            size_for_area, area=parse_resolution(control), multiple=model.multiple, rounding=model.rounding
+        )
+    return model.policy(
         fixed_size=fixed,
         multi_resolutions=args.multi_resolutions,
         target_area=args.target_area,
         max_aspect_ratio=args.max_aspect_ratio,
+        control_size=control_size,
     )
 
 
@@ -121,3 +151,15 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise ValueError("--validation_prompts and --validation_images must have one entry per validation sample")
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
+
+
+def parse_training_args(model: EditModel, description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """A trainer's flags: the shared ones, `model`'s default LoRA targets and its own flags, checked."""
+    parser = argparse.ArgumentParser(description=description)
+    add_model_args(parser, demo=True)
+    add_data_args(parser)
+    add_training_args(parser, model.lora_targets)
+    model.add_args(parser)
+    args = parser.parse_args(argv)
+    check_training_args(args)
+    return args

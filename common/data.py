@@ -7,10 +7,9 @@ Preparation reproduces what the diffusers pipelines do to their inputs at infere
 `VaeImageProcessor` (LANCZOS resize, [0, 1] -> [-1, 1]), so a LoRA trains on the tensors it will later be fed:
 
 - every image is centre-cropped and resized by its own `ResolutionPolicy.plan` (target, and each control from its
-  own aspect ratio); with `target_area=1024*1024` that is the pipelines' `calculate_dimensions(1024 * 1024, w / h)`,
-  i.e. Edit-Plus's VAE image size rule;
-- Qwen-Image-Edit's VL encoder sees the control resized to its VAE size (the pipeline passes the same image);
-  Edit-Plus's sees each control resized to `calculate_dimensions(384 * 384, w / h)` (CONDITION_IMAGE_SIZE);
+  own aspect ratio, or by `control_plan` when `--control_resolution` sizes controls apart); with
+  `target_area=1024*1024` that is the pipelines' `calculate_dimensions(1024 * 1024, w / h)`;
+- a model whose text encoder sees the controls gets each one resized to its `EditModel.condition_size`;
 - the edit mask is averaged over the target's 16 px latent tokens (8x VAE, 2x2 patches) for the loss weights.
 """
 
@@ -33,16 +32,14 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import ImageOps
 
-from common.resolution import MODEL_MULTIPLE, QWEN_EDIT_PLUS_CONDITION_AREA, ResizePlan, ResolutionPolicy, size_for_area
+from common.models import EditModel, get_model
+from common.resolution import ResizePlan, ResolutionPolicy
 
 if TYPE_CHECKING:
     import datasets
 
-# Models whose inputs prepare_sample knows; qwen_edit_2511 runs the Edit-Plus pipeline (common/encoders.py).
-MODELS = ("flux_kontext", "qwen_edit", "qwen_edit_plus", "qwen_edit_2511")
-_PLUS_MODELS = ("qwen_edit_plus", "qwen_edit_2511")
-
-# Pixels per latent token side: FLUX and Qwen VAEs downsample 8x and both transformers patch 2x2 latents.
+# Pixels per latent token side: the FLUX.1, FLUX.2 and Qwen VAEs downsample 8x and their transformers take 2x2
+# latent patches; the pipelines' image processors round to the same 16.
 TOKEN_PIXELS = 16
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
@@ -581,22 +578,21 @@ def _mask_grid(row: EditRow, target_size: tuple[int, int], plan: ResizePlan) -> 
     return torch.nn.functional.avg_pool2d(pixels[None], TOKEN_PIXELS)[0]  # mean over each token's 16 x 16 pixels
 
 
-def prepare_sample(row: EditRow, model: str, policy: ResolutionPolicy) -> PreparedSample:
+def prepare_sample(row: EditRow, model: EditModel | str, policy: ResolutionPolicy) -> PreparedSample:
     """Decode, crop and resize one row as `model`'s pipeline would at inference; BadSampleError for a bad row.
 
     A row without control images is valid for every model (the sample then carries only its target); a listed
-    control that cannot be read is a bad row.
+    control that cannot be read is a bad row, and so are more controls than the model takes.
     """
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+    model = get_model(model)
     if policy.multiple % TOKEN_PIXELS:
         raise ValueError(f"policy.multiple must be a multiple of {TOKEN_PIXELS} (the latent token size)")
     if row.target is None:
         raise _bad(row, "image", "target image is missing")
     if row.prompt is None:
         raise _bad(row, "caption", "caption is missing or empty")
-    if model == "qwen_edit" and len(row.controls) > 1:
-        raise _bad(row, "control_1", "Qwen-Image-Edit takes one control image; use qwen_edit_plus for several")
+    if reason := model.too_many_references(len(row.controls)):
+        raise _bad(row, f"control_{model.max_references}", reason)
 
     target_image = load_rgb(row.target, row=row, what="image")
     plan = policy.plan(*target_image.size)
@@ -605,17 +601,14 @@ def prepare_sample(row: EditRow, model: str, policy: ResolutionPolicy) -> Prepar
     controls, condition_images = [], []
     for k, source in enumerate(row.controls):
         image = load_rgb(source, row=row, what=f"control_{k}")
-        control_plan = policy.plan(*image.size)
+        control_plan = policy.control_plan(*image.size)
         tensor, resized = _vae_input(image, control_plan)
         controls.append(tensor)
-        if model == "qwen_edit":
-            condition_images.append(resized)
-        elif model in _PLUS_MODELS:
+        if model.condition_size is not None:
             left, top, right, bottom = control_plan.crop_box
-            cw, ch = size_for_area(
-                right - left, bottom - top, QWEN_EDIT_PLUS_CONDITION_AREA, MODEL_MULTIPLE["qwen_edit_plus"]
-            )
-            condition_images.append(_PROCESSOR.resize(image.crop(control_plan.crop_box), ch, cw))
+            cw, ch = model.condition_size((right - left, bottom - top), control_plan.size)
+            same = (cw, ch) == control_plan.size
+            condition_images.append(resized if same else _PROCESSOR.resize(image.crop(control_plan.crop_box), ch, cw))
 
     mask = _mask_grid(row, target_image.size, plan) if row.mask is not None else None
     return PreparedSample(

@@ -19,14 +19,14 @@ import numpy as np
 from accelerate import PartialState
 from PIL import Image, ImageDraw
 
+from common.models import EditModel, get_model
 from common.tiny import write_tiny
-from common.training import METRICS_FILE, Recipe, train
+from common.training import METRICS_FILE, train
 
 DEMO_DIR = Path("demo")
 # (width, height) of the targets: several sizes and aspect ratios, so batches mix resolutions.
 SIZES = [(256, 256), (320, 192), (192, 320), (384, 256), (256, 384), (192, 192), (448, 192), (224, 288)]
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
-CONTROLS_PER_ROW = {"flux_kontext": (1,), "qwen_edit": (1,), "qwen_edit_plus": (1, 2, 1, 0)}
 # Launcher variables removed from the cache step's environment, so it runs as a plain single process.
 _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -45,8 +45,10 @@ def _scene(size: tuple[int, int], colour: tuple[int, int, int], seed: int) -> Im
     return image
 
 
-def write_dataset(folder: Path, model: str, rows: int = 32) -> None:
-    """Edit pairs "make the first shape <colour>": stem.png (after), stem_control[_k].png (before), stem.txt."""
+def write_dataset(folder: Path, model: EditModel | str, rows: int = 32) -> None:
+    """Edit pairs "make the first shape <colour>": stem.png (after), stem_control[_k].png (before), stem.txt; row i
+    has the model's `demo_controls_per_row[i % len]` controls."""
+    controls_per_row = get_model(model).demo_controls_per_row
     folder.mkdir(parents=True, exist_ok=True)
     names = list(COLOURS)
     for i in range(rows):
@@ -55,7 +57,7 @@ def write_dataset(folder: Path, model: str, rows: int = 32) -> None:
         before = names[(i + 1) % len(names)]
         _scene(size, COLOURS[after], seed=i).save(folder / f"{i:03d}.png")
         (folder / f"{i:03d}.txt").write_text(f"make the first shape {after}")
-        count = CONTROLS_PER_ROW[model][i % len(CONTROLS_PER_ROW[model])]
+        count = controls_per_row[i % len(controls_per_row)]
         for k in range(count):
             suffix = "_control" if count == 1 else f"_control_{k}"
             # Extra references have other sizes than the target, as users' reference sets do.
@@ -63,14 +65,14 @@ def write_dataset(folder: Path, model: str, rows: int = 32) -> None:
             _scene(ref_size, COLOURS[before], seed=i if k == 0 else 1000 + i).save(folder / f"{i:03d}{suffix}.png")
 
 
-def prepare_demo(args: argparse.Namespace, model: str) -> None:
+def prepare_demo(args: argparse.Namespace, model: EditModel) -> None:
     """Write the tiny checkpoint, data and cache (once, on the main process) and point `args` at them."""
     root = DEMO_DIR.resolve()
     os.environ.setdefault("WANDB_MODE", "offline")
-    args.pretrained_model_name_or_path = str(root / "model" / model)
-    args.dataset = str(root / "data" / model)
-    args.cache_dir = str(root / "cache" / model)
-    args.output_dir = str(root / "output" / model)
+    args.pretrained_model_name_or_path = str(root / "model" / model.name)
+    args.dataset = str(root / "data" / model.name)
+    args.cache_dir = str(root / "cache" / model.name)
+    args.output_dir = str(root / "output" / model.name)
     args.multi_resolutions = ["128*128", "192*192", "256*256"]
     args.max_train_steps, args.checkpointing_steps, args.train_batch_size = 30, 10, 4
     args.learning_rate, args.rank, args.lora_alpha = 1e-3, 4, 4.0
@@ -85,7 +87,7 @@ def prepare_demo(args: argparse.Namespace, model: str) -> None:
             command = [
                 sys.executable,
                 str(Path(__file__).resolve().parent.parent / "precompute_cache.py"),
-                f"--model={model}",
+                f"--model={model.name}",
                 f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path}",
                 f"--dataset={args.dataset}",
                 f"--cache_dir={args.cache_dir}",
@@ -124,11 +126,11 @@ def report_demo(args: argparse.Namespace, lora_file: Path) -> None:
     print(f"demo finished:\n  LoRA weights: {lora_file}\n  loss / padding plot: {plot}\n  metrics: {metrics}")
 
 
-def run(args: argparse.Namespace, recipe: Recipe) -> Path:
+def run(args: argparse.Namespace, model: EditModel) -> Path:
     """A trainer's main: train as the flags say; with --demo, build the demo inputs first and plot afterwards."""
     if args.demo:
-        prepare_demo(args, recipe.model)
-    lora_file = train(args, recipe)
+        prepare_demo(args, model)
+    lora_file = train(args, model)
     if args.demo:
         report_demo(args, lora_file)
     return lora_file

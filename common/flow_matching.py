@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -45,12 +46,14 @@ def sample_sigma(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     sigmoid_scale: float = 1.0,
+    mu: Callable[[int, FlowMatchEulerDiscreteScheduler], float] | None = None,
 ) -> float:
     """One sample's noise level sigma in (0, 1).
 
     uniform: U(0, 1). logit_normal: sigmoid(N(logit_mean, logit_std)) (SD3). sigmoid: sigmoid(scale * N(0, 1)).
     shift: sigmoid(N(0, 1)) moved by the scheduler's own time shift with mu from this sample's target token count,
-    so a large image trains at the noise levels the pipeline will sample it at. (Qwen's `shift_terminal` only
+    so a large image trains at the noise levels the pipeline will sample it at (`mu`: the model's own rule, default
+    `shift_mu`). (Qwen's `shift_terminal` only
     stretches the inference grid to end at a given sigma; it is not a map of sigma and is not applied here.)
     """
     if method in ("uniform", "logit_normal"):
@@ -61,7 +64,7 @@ def sample_sigma(
         u = torch.sigmoid(sigmoid_scale * torch.randn(1, generator=generator))
     elif method == "shift":
         u = torch.sigmoid(torch.randn(1, generator=generator))
-        u = scheduler.time_shift(shift_mu(image_seq_len, scheduler), 1.0, u)
+        u = scheduler.time_shift((mu or shift_mu)(image_seq_len, scheduler), 1.0, u)
     else:
         raise ValueError(f"--timestep_sampling must be one of {TIMESTEP_SAMPLING}, got {method!r}")
     # Keep away from the ends: sigma = 0 has nothing to denoise, sigma = 1 no signal; both are degenerate targets.

@@ -8,32 +8,14 @@ rounds them, so that training sees the same sizes as inference.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
-
 Rounding = Literal["nearest", "floor"]
 
-# Pixel multiple each model's pipeline rounds its working sizes to.
-# - flux_kontext: FluxKontextPipeline.__call__ uses `multiple_of = self.vae_scale_factor * 2` = 8 * 2 = 16
-#   (VAE downsamples 8x, latents are packed into 2x2 patches) for both the output size and the input image.
-# - qwen_edit: QwenImageEditPipeline.__call__ sizes the image with the module-level
-#   `calculate_dimensions(1024 * 1024, w / h)`, which rounds width and height to multiples of 32
-#   (the hard model requirement afterwards is `vae_scale_factor * 2` = 16; 32 satisfies it).
-# - qwen_edit_plus: QwenImageEditPlusPipeline uses the same `calculate_dimensions` (multiples of 32) for the
-#   output size, the VAE images (VAE_IMAGE_SIZE = 1024 * 1024) and the VL condition images (384 * 384).
-MODEL_MULTIPLE: dict[str, int] = {"flux_kontext": 16, "qwen_edit": 32, "qwen_edit_plus": 32}
-
-# How each pipeline rounds to that multiple (see size_for_area).
-# - flux_kontext: FluxKontextPipeline.__call__: `width = round((max_area * ar) ** 0.5)`, then `width // 16 * 16`.
-# - qwen_edit / qwen_edit_plus: `calculate_dimensions`: `round(math.sqrt(area * ar) / 32) * 32`.
-MODEL_ROUNDING: dict[str, Rounding] = {"flux_kontext": "floor", "qwen_edit": "nearest", "qwen_edit_plus": "nearest"}
-
-# Default areas the pipelines resize to (1024 * 1024 for all three; Edit-Plus condition images use 384 * 384).
+# Default area the pipelines resize to.
 DEFAULT_AREA: int = 1024 * 1024
-QWEN_EDIT_PLUS_CONDITION_AREA: int = 384 * 384
 
 
 def parse_resolution(spec: str | int) -> int:
@@ -104,14 +86,6 @@ def size_for_area(width: int, height: int, area: int, multiple: int, rounding: R
     else:
         raise ValueError(f"rounding must be 'nearest' or 'floor', got {rounding!r}")
     return max(w, multiple), max(h, multiple)
-
-
-def kontext_preferred_size(width: int, height: int) -> tuple[int, int]:
-    """The PREFERRED_KONTEXT_RESOLUTIONS entry nearest in aspect ratio, as FluxKontextPipeline's `_auto_resize`."""
-    _check_dims(width, height)
-    ratio = width / height
-    _, w, h = min((abs(ratio - w / h), w, h) for w, h in PREFERRED_KONTEXT_RESOLUTIONS)
-    return w, h
 
 
 def aspect_crop_box(width: int, height: int, max_aspect_ratio: float | None) -> tuple[int, int, int, int]:
@@ -207,6 +181,8 @@ class ResolutionPolicy:
     target_area: int | str | None = None  # stored as int
     max_aspect_ratio: float | None = 3.0  # seed 001 default; None disables the crop
     rounding: Rounding = "nearest"
+    # (w, h) of a control image after the aspect crop -> its size; None: sized like a target (`plan`)
+    control_size: Callable[[int, int], tuple[int, int]] | None = None
 
     def __post_init__(self) -> None:
         """Parse string areas and fail at config time rather than on the first sample."""
@@ -220,13 +196,6 @@ class ResolutionPolicy:
             raise ValueError(f"rounding must be 'nearest' or 'floor', got {self.rounding!r}")
         aspect_crop_box(1, 1, self.max_aspect_ratio)  # validates max_aspect_ratio even in fixed_size mode
         self.plan(1024, 1024)  # validates that some mode is configured, multiples, max_aspect_ratio
-
-    @classmethod
-    def for_model(cls, model: str, **kwargs: object) -> ResolutionPolicy:
-        """Policy with the multiple and rounding of `model` (a MODEL_MULTIPLE key), matching its diffusers pipeline."""
-        if model not in MODEL_MULTIPLE:
-            raise ValueError(f"Unknown model {model!r}; known: {sorted(MODEL_MULTIPLE)}")
-        return cls(multiple=MODEL_MULTIPLE[model], rounding=MODEL_ROUNDING[model], **kwargs)  # type: ignore[arg-type]
 
     @property
     def is_multi_resolution(self) -> bool:
@@ -250,6 +219,14 @@ class ResolutionPolicy:
         else:
             box = aspect_crop_box(width, height, self.max_aspect_ratio)
         return ResizePlan(box, size)
+
+    def control_plan(self, width: int, height: int) -> ResizePlan:
+        """Crop box and size for a control image: like a target unless `control_size` sizes controls apart, in
+        which case only the aspect crop applies (a fixed target size does not force its shape on a reference)."""
+        if self.control_size is None:
+            return self.plan(width, height)
+        box = aspect_crop_box(width, height, self.max_aspect_ratio)
+        return ResizePlan(box, self.control_size(box[2] - box[0], box[3] - box[1]))
 
 
 def _check_dims(width: int, height: int) -> None:

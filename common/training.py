@@ -1,4 +1,4 @@
-"""The training loop every trainer shares; a script supplies a `Recipe` with what is specific to its model.
+"""The training loop every trainer shares; a script supplies the `EditModel` that says what is specific to its model.
 
 One optimizer step = `--gradient_accumulation_steps` micro-batches per process. Each sample draws its own noise,
 sigma and dropout coins from a generator keyed by (seed, epoch, dataset index) (`common.flow_matching`), batches
@@ -16,7 +16,6 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 from math import prod
 from pathlib import Path
 
@@ -24,52 +23,28 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from common.batch import NoisyBatch, pack_latents
 from common.checkpoints import resolve_resume, save_checkpoint, step_of
-from common.encoders import pack_latents
+from common.comfyui import save_comfyui_lora
 from common.flow_matching import noisy_and_target, sample_generator, sample_sigma
 from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora
 from common.loss import edit_mask_weights, masked_mse_loss
+from common.models import EditModel
 from common.padding import pad_sequences, padding_ratio
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, collate_ragged
 from common.training_data import TrainingData, open_training_data
+from common.validation import Validation
 
 logger = get_logger(__name__)
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "training_config.json"
 PADDING_WARNING = 0.30
-
-
-@dataclass
-class NoisyBatch:
-    """One micro-batch as the model sees it: ragged per-sample tokens, each sample with its own sigma."""
-
-    sample_ids: list[str]
-    noisy: list[Tensor]  # (N_i, C) noisy packed target tokens
-    references: list[list[Tensor]]  # packed reference tokens of each sample, in img_shapes order
-    img_shapes: list[list[tuple[int, int, int]]]  # packed grids, target first
-    prompt_embeds: list[Tensor]  # (T_i, D), after caption dropout
-    pooled_prompt_embeds: list[Tensor] | None  # FLUX only
-    sigmas: Tensor  # (B,)
-    attend: list[int]  # image tokens each sample attends to (its target only when its references were dropped)
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """What a training script contributes: its model's classes, default LoRA targets and prediction."""
-
-    model: str  # a key of common.cli.MODELS
-    pipeline_class: type[DiffusionPipeline]
-    transformer_class: type[nn.Module]
-    lora_targets: tuple[str, ...]
-    install_mixed: Callable[[nn.Module, str], None]
-    predict: Callable[[nn.Module, NoisyBatch, argparse.Namespace], list[Tensor]]  # -> (N_i, C) target predictions
-    unused_modules: Callable[[nn.Module], list[str]] = lambda transformer: []  # outputs that never reach the loss
 
 
 class TrainingDiverged(RuntimeError):
@@ -113,8 +88,11 @@ def make_noisy_batch(
     data: TrainingData,
     device: torch.device,
     dtype: torch.dtype,
+    mu: Callable[[int, FlowMatchEulerDiscreteScheduler], float] | None = None,
 ) -> tuple[NoisyBatch, list[Tensor], list[Tensor] | None]:
-    """Noise each sample of a collated batch; returns the model inputs, velocity targets and optional loss weights."""
+    """Noise each sample of a collated batch; returns the model inputs, velocity targets and optional loss weights.
+
+    `mu`: the model's dynamic-shift rule for `--timestep_sampling shift` (`EditModel.timestep_mu`)."""
     noisy, targets, references, prompts, pooled, sigmas, attend, weights = [], [], [], [], [], [], [], []
     for i, index in enumerate(batch["index"]):
         generator = sample_generator(args.seed, epoch, int(index))
@@ -130,6 +108,7 @@ def make_noisy_batch(
             args.logit_mean,
             args.logit_std,
             args.sigmoid_scale,
+            mu,
         )
         x_t, target = noisy_and_target(x0, torch.randn(x0.shape, generator=generator), sigma)
         refs = [pack_latents(c).to(device, dtype) for c in batch["control_latents"][i]]
@@ -238,23 +217,23 @@ class _Metrics:
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", pad=f"{values['padding_ratio']:.0%}")
 
 
-def _register_lora_hooks(accelerator: Accelerator, recipe: Recipe) -> None:
+def _register_lora_hooks(accelerator: Accelerator, model: EditModel) -> None:
     """Checkpoints hold the LoRA weights in the pipeline's format instead of the whole transformer."""
 
     def save_hook(models: list[nn.Module], weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
-            save_lora(recipe.pipeline_class, models[0], output_dir)
+            save_lora(model.pipeline_class, models[0], output_dir)
         weights.clear()
 
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
-        load_lora(recipe.pipeline_class, models.pop(), input_dir)
+        load_lora(model.pipeline_class, models.pop(), input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def train(args: argparse.Namespace, recipe: Recipe) -> Path:
-    """Train a LoRA for `recipe` as the parsed flags say; returns the path of the saved LoRA weights."""
+def train(args: argparse.Namespace, model: EditModel) -> Path:
+    """Train a LoRA for `model` as the parsed flags say; returns the path of the saved LoRA weights."""
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
@@ -269,15 +248,15 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
     weight_dtype = _weight_dtype(accelerator)
 
     # Models: the stock transformer with a LoRA adapter and the mixed-batch hooks; the scheduler for sigma shifts.
-    transformer = recipe.transformer_class.from_pretrained(
+    transformer = model.transformer_class.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, torch_dtype=weight_dtype
     ).to(accelerator.device)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
     )
-    recipe.install_mixed(transformer, args.attention_backend)
+    model.install_mixed(transformer, args.attention_backend)
     params = add_lora(
-        transformer, args.rank, args.lora_alpha, args.lora_target_modules, recipe.unused_modules(transformer)
+        transformer, args.rank, args.lora_alpha, args.lora_target_modules, model.unused_modules(transformer)
     )
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -293,7 +272,7 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
     )
 
     # Data: cached or encoded on the fly, in the same row format; the sampler splits global batches across ranks.
-    data = open_training_data(args, recipe.model, accelerator.device, weight_dtype)
+    data = open_training_data(args, model, accelerator.device, weight_dtype)
     sampler = _sampler(args, data, accelerator)
     loader = DataLoader(
         data.dataset,
@@ -308,15 +287,13 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
     )
     validation = None
     if args.validation_steps and accelerator.is_main_process:  # only the main process samples (see the loop)
-        from common.validation import Validation
-
         shared = None if data.cached else data.dataset.encoders  # on-the-fly data already holds the encoders
-        validation = Validation(args, recipe.model, accelerator.device, weight_dtype, shared)
+        validation = Validation(args, model, accelerator.device, weight_dtype, shared)
 
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
-    _register_lora_hooks(accelerator, recipe)
+    _register_lora_hooks(accelerator, model)
     resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume is not None:
         accelerator.load_state(str(resume))
@@ -340,7 +317,7 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
             last = micro == args.gradient_accumulation_steps - 1
             with nullcontext() if last else accelerator.no_sync(transformer):
                 loss, stats = _micro_step(
-                    accelerator, transformer, recipe, args, scheduler, data, batch, epoch, state, global_target_tokens
+                    accelerator, transformer, model, args, scheduler, data, batch, epoch, state, global_target_tokens
                 )
                 accelerator.backward(loss)
             for key in totals:
@@ -364,7 +341,7 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
         )
         if args.validation_steps and state.step % args.validation_steps == 0:
             if validation is not None:  # a no-grad forward of the unwrapped model; the other ranks wait
-                images = validation.sample(accelerator.unwrap_model(transformer), recipe, args)
+                images = validation.sample(accelerator.unwrap_model(transformer), args)
                 validation.save(images, state.step, accelerator)
             accelerator.wait_for_everyone()
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
@@ -373,11 +350,9 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
     accelerator.wait_for_everyone()
     lora_file = output_dir / LORA_FILE
     if accelerator.is_main_process:
-        lora_file = save_lora(recipe.pipeline_class, transformer, output_dir)
+        lora_file = save_lora(model.pipeline_class, transformer, output_dir)
         if args.export_comfyui:
-            from common.comfyui import save_comfyui_lora
-
-            save_comfyui_lora(recipe.model, lora_file, output_dir / COMFYUI_FILE)
+            save_comfyui_lora(model, lora_file, output_dir / COMFYUI_FILE)
         logger.info(f"LoRA weights written to {lora_file}", main_process_only=True)
     accelerator.end_training()
     return lora_file
@@ -386,7 +361,7 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
 def _micro_step(
     accelerator: Accelerator,
     transformer: nn.Module,
-    recipe: Recipe,
+    model: EditModel,
     args: argparse.Namespace,
     scheduler: FlowMatchEulerDiscreteScheduler,
     data: TrainingData,
@@ -398,8 +373,10 @@ def _micro_step(
     """This micro-batch's share of the step loss (squared errors over the target tokens of the whole step on all
     ranks), scaled so DDP's gradient average gives the global-token mean; stops on NaN/inf before backward."""
     dtype = _weight_dtype(accelerator)
-    noisy_batch, targets, weights = make_noisy_batch(batch, epoch, args, scheduler, data, accelerator.device, dtype)
-    predictions = recipe.predict(transformer, noisy_batch, args)
+    noisy_batch, targets, weights = make_noisy_batch(
+        batch, epoch, args, scheduler, data, accelerator.device, dtype, model.timestep_mu
+    )
+    predictions = model.predict(transformer, noisy_batch, args)
     pred, valid = pad_sequences(predictions)
     target, _ = pad_sequences(targets)
     weight = pad_sequences(weights)[0] if weights is not None else None

@@ -7,7 +7,7 @@ and encoded again on each access with the frozen encoders, exactly as the precom
 the cache's row encoding, so an item is the same dict, dtypes included, whether it was cached or not:
 
     target_latents (C, h, w), control_latents [(C, h_k, w_k)], prompt_embeds (T, D), pooled_prompt_embeds (P,)
-    (FLUX), empty_prompt_embeds (T0, D) (Qwen: caption dropout sees the row's condition images), mask
+    (models with one), empty_prompt_embeds (T0, D) (models whose prompt sees the images), mask
     (h/2, w/2) float32 or None, img_shapes [[1, h/2, w/2], ...] (target first), sources, sample_id, index
     (source order) and version.
 
@@ -39,7 +39,8 @@ from common.cache import (
 )
 from common.cli import add_data_args, resolution_policy
 from common.data import EditRow, PreparedSample, prepare_all, prepare_sample, read_rows, source_hash, token_grid
-from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, Encoders, encode_row, load_encoders
+from common.encoders import Encoders, encode_row, load_encoders
+from common.models import EditModel, get_model
 from common.resolution import ResolutionPolicy
 
 
@@ -49,14 +50,15 @@ class TrainingData:
 
     dataset: torch.utils.data.Dataset  # item i -> dict in the format of the module doc, cached or not
     lengths: list[int]  # image tokens per item (target + references), for the length-grouped sampler and logging
-    empty_prompt: dict[str, torch.Tensor] | None  # FLUX: {"prompt_embeds", "pooled_prompt_embeds"} of "" (dropout)
+    # models whose prompt does not see the images: the embeddings of "" (caption dropout); else None (per row)
+    empty_prompt: dict[str, torch.Tensor] | None
     cached: bool
 
 
 class EncodedRows(torch.utils.data.Dataset):
     """Uncached rows: item i is row i prepared and encoded on access, in the format of `CachedRows` items."""
 
-    def __init__(self, rows: list[EditRow], model: str, policy: ResolutionPolicy, encoders: Encoders) -> None:
+    def __init__(self, rows: list[EditRow], model: EditModel, policy: ResolutionPolicy, encoders: Encoders) -> None:
         """Keep the (validated) rows, which hold file references only, and the encoders to run on access."""
         self.rows, self.model, self.policy, self.encoders = rows, model, policy, encoders
 
@@ -87,23 +89,34 @@ def _tokens(sample: PreparedSample) -> int:
     return sum(math.prod(token_grid(*image.shape[1:])) for image in [sample.target, *sample.controls])
 
 
-def data_fingerprint(args: argparse.Namespace, model: str, rows: Sequence[EditRow] | None = None) -> dict:
+def text_length(args: argparse.Namespace, model: EditModel) -> int | None:
+    """The text length the flags ask for (--max_sequence_length, default the model's); None for models without one."""
+    if model.max_sequence_length is None:
+        return None
+    return getattr(args, "max_sequence_length", None) or model.max_sequence_length
+
+
+def data_fingerprint(args: argparse.Namespace, model: EditModel | str, rows: Sequence[EditRow] | None = None) -> dict:
     """What every cached row of `model` depends on: model, preprocessing flags and, given rows, each source's content.
 
     `args` holds the flags of `common.cli.add_model_args` / `add_data_args` (and optionally --max_sequence_length);
-    rows=None gives the settings alone, to check a cache when the dataset itself is not at hand.
+    rows=None gives the settings alone, to check a cache when the dataset itself is not at hand. The default
+    `--control_resolution target` is left out, so caches written before that flag existed stay valid.
     """
-    max_sequence_length = getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+    model = get_model(model)
     settings = {
-        "model": model,
+        "model": model.data_name,
         "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
         "revision": args.revision,
         "resolution": args.resolution,
         "multi_resolutions": args.multi_resolutions,
         "target_area": args.target_area,
         "max_aspect_ratio": args.max_aspect_ratio,
-        "max_sequence_length": max_sequence_length if model == "flux_kontext" else None,
+        "max_sequence_length": text_length(args, model),
     }
+    control_resolution = getattr(args, "control_resolution", "target")
+    if control_resolution != "target":
+        settings["control_resolution"] = control_resolution
     if rows is None:
         return settings
     sources = hashlib.sha256()
@@ -113,12 +126,13 @@ def data_fingerprint(args: argparse.Namespace, model: str, rows: Sequence[EditRo
     return {**settings, "rows": len(rows), "sources_sha256": sources.hexdigest()}
 
 
-def precompute_command(args: argparse.Namespace, model: str) -> str:
+def precompute_command(args: argparse.Namespace, model: EditModel | str) -> str:
     """The precompute_cache.py command line that builds the cache these flags ask for."""
+    model = get_model(model)
     parser = argparse.ArgumentParser()
     add_data_args(parser)
     defaults = vars(parser.parse_args([]))
-    words = ["accelerate", "launch", "precompute_cache.py", "--model", model]
+    words = ["accelerate", "launch", "precompute_cache.py", "--model", model.name]
     words += ["--pretrained_model_name_or_path", str(args.pretrained_model_name_or_path)]
     if args.revision:
         words += ["--revision", args.revision]
@@ -131,13 +145,13 @@ def precompute_command(args: argparse.Namespace, model: str) -> str:
             words.append(f"--{name}")
         else:
             words += [f"--{name}", *(map(str, value) if isinstance(value, list) else [str(value)])]
-    max_sequence_length = getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
-    if model == "flux_kontext" and max_sequence_length != DEFAULT_MAX_SEQUENCE_LENGTH:
-        words += ["--max_sequence_length", str(max_sequence_length)]
+    length = text_length(args, model)
+    if length != model.max_sequence_length:
+        words += ["--max_sequence_length", str(length)]
     return shlex.join(words)
 
 
-def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
+def _open_cached(args: argparse.Namespace, model: EditModel) -> TrainingData:
     """The cache at --cache_dir, checked against the settings, and against the sources when --dataset is given."""
     rows = _read(args) if args.dataset else None
     requested = data_fingerprint(args, model, rows)
@@ -147,7 +161,7 @@ def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
         message = f"{error}\nbuild it with precompute_cache.py:\n  {precompute_command(args, model)}"
         raise type(error)(message) from error
     empty_prompt = None
-    if model == "flux_kontext":
+    if not model.prompt_sees_images:
         name = cache_info(args.cache_dir)["extra"].get("empty_prompt")
         if name is None:
             raise ValueError(f"cache at {args.cache_dir} holds no empty-prompt embedding: rebuild it (--rebuild_cache)")
@@ -155,7 +169,7 @@ def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
     return TrainingData(CachedRows(dataset), token_counts(dataset), empty_prompt, cached=True)
 
 
-def encoders_for(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> Encoders:
+def encoders_for(args: argparse.Namespace, model: EditModel, device: torch.device, dtype: torch.dtype) -> Encoders:
     """The frozen encoders of the checkpoint the flags name (for on-the-fly data and for validation)."""
     return load_encoders(
         model,
@@ -163,11 +177,13 @@ def encoders_for(args: argparse.Namespace, model: str, device: torch.device, dty
         device=device,
         dtype=dtype,
         revision=args.revision,
-        max_sequence_length=getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH),
+        max_sequence_length=text_length(args, model),
     )
 
 
-def _open_uncached(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> TrainingData:
+def _open_uncached(
+    args: argparse.Namespace, model: EditModel, device: torch.device, dtype: torch.dtype
+) -> TrainingData:
     """Rows of --dataset, validated now and encoded on access by `model`'s encoders on device/dtype."""
     policy = resolution_policy(args, model)
 
@@ -181,16 +197,19 @@ def _open_uncached(args: argparse.Namespace, model: str, device: torch.device, d
     if not checked:
         raise ValueError(f"dataset {args.dataset!r}: no usable rows")
     encoders = encoders_for(args, model, device, dtype)
-    empty_prompt = encoders.encode_prompt("") if encoders.is_flux else None
+    empty_prompt = None if model.prompt_sees_images else encoders.encode_prompt("")
     rows = [row for row, _ in checked]
     return TrainingData(EncodedRows(rows, model, policy, encoders), [n for _, n in checked], empty_prompt, cached=False)
 
 
-def open_training_data(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> TrainingData:
+def open_training_data(
+    args: argparse.Namespace, model: EditModel | str, device: torch.device, dtype: torch.dtype
+) -> TrainingData:
     """The rows `args` describe: the cache at --cache_dir if given, else --dataset encoded on the fly on device/dtype.
 
     `args` holds the flags of `common.cli.add_model_args` and `add_data_args`, and optionally --max_sequence_length.
     """
+    model = get_model(model)
     if args.cache_dir:
         return _open_cached(args, model)
     if not args.dataset:

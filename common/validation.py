@@ -1,21 +1,23 @@
 """Validation images while training: the validation edits sampled with the LoRA being trained, as the pipelines would.
 
-Sample k is the edit `--validation_prompts[k]` of `--validation_images[k]`; comma-separated paths give Qwen-Image-
-Edit-Plus several references ("Picture 1", "Picture 2", ...). Its inputs are prepared and encoded once, exactly as
-a training row's (`common.data.prepare_sample` with the run's resolution policy, then `common.encoders`), and its
+Sample k is the edit `--validation_prompts[k]` of `--validation_images[k]`; comma-separated paths give models that
+take several references (Qwen-Image-Edit-Plus: "Picture 1", "Picture 2", ...) all of them. Its inputs are prepared
+and encoded once, exactly as a training row's (`common.data.prepare_sample` with the run's resolution policy,
+`--control_resolution` included, then `common.encoders`), and its
 output gets the size the policy gives its first control image: the image being edited keeps its aspect ratio and
 the area a training target of that shape gets. (The stock pipelines choose otherwise by default: FLUX.1 Kontext
 renders 1024x1024 squares and Edit-Plus follows its last image.) The text encoders are needed only for this, so
 they are dropped afterwards unless the caller shares its own.
 
-Sampling is the pipelines' own loop, run for all samples at once as one mixed-size batch through the recipe's
+Sampling is the pipelines' own loop, run for all samples at once as one mixed-size batch through the model's
 `predict` (the training forward): sigmas `linspace(1, 1/N, N)` through a copy of the model's scheduler set with
-each sample's own dynamic shift (mu from its target token count; Qwen's `shift_terminal` stretch included), the
-timestep the pipelines feed (`t / 1000`), the scheduler's Euler step, then the pipelines' unpacking and VAE
-decoding. Each step is one conditional forward with the training-time conditioning: FLUX's guidance embedding is
-`--guidance_scale` and Qwen runs without true CFG. Sample k starts from the noise the pipeline draws with
-`generator=torch.Generator().manual_seed(seed + k)`, the same at every validation, so the images show the LoRA's
-progress and sample k can be reproduced with the stock pipeline and the saved LoRA.
+each sample's own dynamic shift (`EditModel.timestep_mu` of its target token count; Qwen's `shift_terminal` stretch
+included), the timestep the pipelines feed (`t / 1000`), the scheduler's Euler step, then the model's unpacking and
+VAE decoding (`EditModel.decode_latents`). Each step is one conditional forward with the training-time
+conditioning: FLUX's guidance embedding is `--guidance_scale` and Qwen runs without true CFG. Sample k starts from
+the noise the pipeline draws with `generator=torch.Generator().manual_seed(seed + k)` (`EditModel.initial_noise`),
+the same at every validation, so the images show the LoRA's progress and sample k can be reproduced with the stock
+pipeline and the saved LoRA.
 """
 
 from __future__ import annotations
@@ -32,15 +34,14 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from common.attention import base_model
+from common.batch import NoisyBatch, pack_latents
 from common.cli import resolution_policy
 from common.data import EditRow, PreparedSample, prepare_sample
-from common.encoders import Encoders, pack_latents
-from common.flow_matching import shift_mu
-from common.training import NoisyBatch, Recipe
+from common.encoders import Encoders
+from common.models import EditModel, get_model
 from common.training_data import encoders_for
 
 VALIDATION_DIR = "validation"
-MULTI_REFERENCE_MODELS = ("qwen_edit_plus", "qwen_edit_2511")
 
 
 @dataclass
@@ -51,20 +52,21 @@ class ValidationSample:
     height: int  # output pixels
     width: int
     prompt_embeds: Tensor  # (T, D)
-    pooled_prompt_embeds: Tensor | None  # (P,), FLUX only
+    pooled_prompt_embeds: Tensor | None  # (P,), models with a pooled text embedding only
     references: list[Tensor]  # packed reference tokens (M_k, C), in img_shapes order
     img_shapes: list[tuple[int, int, int]]  # packed grids, target first
 
 
-def validation_rows(prompts: list[str], images: list[str], model: str) -> list[EditRow]:
+def validation_rows(prompts: list[str], images: list[str], model: EditModel | str) -> list[EditRow]:
     """One EditRow per validation edit, its first control image standing in as the target that sizes the output."""
+    model = get_model(model)
     rows = []
     for k, (prompt, entry) in enumerate(zip(prompts, images, strict=True)):
         paths = [p.strip() for p in entry.split(",") if p.strip()]
         if not paths:
             raise ValueError(f"--validation_images entry {k} names no image")
-        if len(paths) > 1 and model not in MULTI_REFERENCE_MODELS:
-            raise ValueError(f"--validation_images entry {k}: {model} takes one control image, got {len(paths)}")
+        if reason := model.too_many_references(len(paths)):
+            raise ValueError(f"--validation_images entry {k}: {reason}")
         sources = {"image": paths[0], **{f"control_{j}": p for j, p in enumerate(paths)}}
         sources["caption"] = f"--validation_prompts[{k}]"
         rows.append(EditRow(k, f"validation[{k}]", paths[0], tuple(paths), prompt.strip() or None, None, sources))
@@ -77,15 +79,16 @@ class Validation:
     def __init__(
         self,
         args: argparse.Namespace,
-        model: str,
+        model: EditModel | str,
         device: torch.device,
         dtype: torch.dtype,
         encoders: Encoders | None = None,
     ) -> None:
         """Prepare and encode every validation edit (with `encoders` if given, else ones loaded here on device)."""
+        model = get_model(model)
         if encoders is None:
             encoders = encoders_for(args, model, device, dtype)
-        self.device, self.dtype, self.is_flux = device, dtype, encoders.is_flux
+        self.model, self.device, self.dtype = model, device, dtype
         self.output_dir = Path(args.output_dir) / VALIDATION_DIR
         policy = resolution_policy(args, model)
         rows = validation_rows(args.validation_prompts, args.validation_images, model)
@@ -93,7 +96,6 @@ class Validation:
         # What sampling needs besides the transformer; the text encoders are not kept.
         pipe = encoders.pipe
         self.vae, self.image_processor, self.vae_scale_factor = pipe.vae, pipe.image_processor, pipe.vae_scale_factor
-        self.unpack_latents = pipe._unpack_latents
         self.scheduler = pipe.scheduler
 
     def _encode(self, encoders: Encoders, prepared: PreparedSample) -> ValidationSample:
@@ -118,12 +120,12 @@ class Validation:
         """Packed starting noise (N, 4 * channels) of sample k, as the pipeline draws it with seed `seed + k`."""
         sample = self.samples[k]
         multiple = self.vae_scale_factor * 2
-        shape = (channels, 2 * (sample.height // multiple), 2 * (sample.width // multiple))
-        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed + k), dtype=self.dtype)
-        return pack_latents(noise).to(self.device)
+        generator = torch.Generator().manual_seed(seed + k)
+        rows, cols = sample.height // multiple, sample.width // multiple
+        return self.model.initial_noise(generator, channels, rows, cols, self.dtype).to(self.device)
 
     @torch.no_grad()
-    def denoise(self, transformer: nn.Module, recipe: Recipe, args: argparse.Namespace) -> list[Tensor]:
+    def denoise(self, transformer: nn.Module, args: argparse.Namespace) -> list[Tensor]:
         """Final packed latents (N_k, C) of every sample, denoised together as one mixed-size batch."""
         steps = args.validation_inference_steps
         sigmas = np.linspace(1.0, 1 / steps, steps)
@@ -132,11 +134,13 @@ class Validation:
         for k, sample in enumerate(self.samples):
             x = self.initial_latents(k, channels, args.seed)
             scheduler = copy.deepcopy(self.scheduler)  # each sample's own shifted schedule, as its pipeline sets it
-            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=shift_mu(x.shape[0], scheduler))
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=self.model.timestep_mu(x.shape[0], scheduler))
             scheduler.set_begin_index(0)
             latents.append(x)
             schedulers.append(scheduler)
             attend.append(x.shape[0] + sum(r.shape[0] for r in sample.references))
+        pooled = [s.pooled_prompt_embeds for s in self.samples]
+        pooled = None if pooled[0] is None else pooled
         was_training = transformer.training
         transformer.eval()
         try:
@@ -148,11 +152,11 @@ class Validation:
                     references=[s.references for s in self.samples],
                     img_shapes=[s.img_shapes for s in self.samples],
                     prompt_embeds=[s.prompt_embeds for s in self.samples],
-                    pooled_prompt_embeds=[s.pooled_prompt_embeds for s in self.samples] if self.is_flux else None,
+                    pooled_prompt_embeds=pooled,
                     sigmas=torch.stack(timesteps).to(self.dtype) / 1000,  # the pipelines' timestep / 1000
                     attend=attend,
                 )
-                predictions = recipe.predict(transformer, batch, args)
+                predictions = self.model.predict(transformer, batch, args)
                 latents = [
                     scheduler.step(prediction[None], t, x[None], return_dict=False)[0][0]
                     for scheduler, prediction, t, x in zip(schedulers, predictions, timesteps, latents, strict=True)
@@ -164,22 +168,15 @@ class Validation:
     @torch.no_grad()
     def decode(self, latents: list[Tensor]) -> list[PIL.Image.Image]:
         """Each sample's packed latents unpacked and decoded with its pipeline's own VAE steps."""
-        config = self.vae.config
         images = []
         for x, sample in zip(latents, self.samples, strict=True):
-            z = self.unpack_latents(x[None], sample.height, sample.width, self.vae_scale_factor).to(self.vae.dtype)
-            if self.is_flux:
-                pixels = self.vae.decode(z / config.scaling_factor + config.shift_factor, return_dict=False)[0]
-            else:  # the 3-D VAE: normalised latents with a frame dimension
-                mean = torch.tensor(config.latents_mean).view(1, config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-                std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1).to(z.device, z.dtype)
-                pixels = self.vae.decode(z / std + mean, return_dict=False)[0][:, :, 0]
+            pixels = self.model.decode_latents(self.vae, x, sample.height, sample.width, self.vae_scale_factor)
             images.append(self.image_processor.postprocess(pixels, output_type="pil")[0])
         return images
 
-    def sample(self, transformer: nn.Module, recipe: Recipe, args: argparse.Namespace) -> list[PIL.Image.Image]:
+    def sample(self, transformer: nn.Module, args: argparse.Namespace) -> list[PIL.Image.Image]:
         """The validation images as `transformer` renders them now (eval mode meanwhile, its mode restored after)."""
-        return self.decode(self.denoise(transformer, recipe, args))
+        return self.decode(self.denoise(transformer, args))
 
     def save(self, images: list[PIL.Image.Image], step: int, accelerator: Accelerator) -> Path:
         """Write `validation/step-<step>/<k>.png` under the output folder and log to W&B / TensorBoard."""

@@ -1,0 +1,121 @@
+"""`EditModel`: everything that differs between the supported edit models, in one frozen description per model.
+
+The shared code (data preparation, encoding, cache, training loop, validation, export, demo, tiny checkpoints) takes
+an `EditModel` and asks it; it never tests a model's name. A new model is a new module under `common/models/` that
+builds one of these from its family's mixed forward (`common.flux`, `common.qwen`, ...), registered in
+`common.models`, plus a thin `train_*.py`. If it needs an `if` anywhere else, this class is missing a field.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from torch import Tensor, nn
+
+from common.batch import NoisyBatch, pack_latents
+from common.flow_matching import shift_mu
+from common.resolution import ResolutionPolicy, Rounding
+
+# (pipeline loaded without its transformer, prompt, the sample's condition images, text length or None) -> CPU
+# {"prompt_embeds": (T, D)[, "pooled_prompt_embeds": (P,)]}
+PromptEncoder = Callable[[DiffusionPipeline, str, list[PIL.Image.Image], int | None], dict[str, Tensor]]
+# (pipeline, (1, 3, H, W) image in [-1, 1] laid out as the pipeline's image processor hands it over) -> (C, h, w)
+ImageEncoder = Callable[[DiffusionPipeline, Tensor], Tensor]
+# (VAE, packed latents (N, C), height, width, vae_scale_factor) -> (1, 3, H, W) pixels in [-1, 1]
+LatentDecoder = Callable[[nn.Module, Tensor, int, int, int], Tensor]
+# (transformer, batch, parsed flags) -> velocity prediction (N_i, C) on each sample's target tokens
+Predict = Callable[[nn.Module, NoisyBatch, argparse.Namespace], list[Tensor]]
+# (generator, latent channels, token rows, token cols, dtype) -> packed starting noise (rows * cols, 4 * channels)
+NoiseSampler = Callable[[torch.Generator, int, int, int, torch.dtype], Tensor]
+# {diffusers module name: (A, B)} with the scale folded into B -> {ComfyUI module name: (A, B)}
+ComfyUIKeys = Callable[[dict[str, tuple[Tensor, Tensor]]], dict[str, tuple[Tensor, Tensor]]]
+
+
+def no_flags(parser: argparse.ArgumentParser) -> None:
+    """A model without trainer flags of its own."""
+
+
+def no_unused_modules(transformer: nn.Module) -> list[str]:
+    """Every LoRA target of the model reaches the loss."""
+    return []
+
+
+def same_keys(pairs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+    """ComfyUI uses the diffusers module names of this model."""
+    return pairs
+
+
+def unpacked_noise(generator: torch.Generator, channels: int, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+    """Noise drawn as the FLUX.1 / Qwen-Image pipelines draw it, (C, 2 rows, 2 cols) latents, then packed 2x2."""
+    return pack_latents(torch.randn((channels, 2 * rows, 2 * cols), generator=generator, dtype=dtype))
+
+
+@dataclass(frozen=True, eq=False)
+class EditModel:
+    """One edit model as the trainer sees it; see the module doc. Functions are plain callables so a model module
+    (or a test) can build a variant with `dataclasses.replace`."""
+
+    name: str  # the --model name of precompute_cache.py and the registry key
+    title: str  # how messages name it, e.g. "FLUX.1 Kontext"
+    pipeline_class: type[DiffusionPipeline]  # the stock pipeline: encoders, LoRA save/load format, validation decode
+    transformer_class: type[nn.Module]
+
+    # Sizes: the pixel multiple and rounding of the pipeline's `calculate_dimensions`-style sizing.
+    multiple: int
+    rounding: Rounding
+    max_references: int | None  # control images per sample; None: any number
+    # (w, h) of a reference of w x h pixels as the stock pipeline's __call__ sizes it at inference
+    # (`--control_resolution pipeline`)
+    inference_reference_size: Callable[[int, int], tuple[int, int]]
+    # ((w, h) of the cropped control, (w, h) of its VAE input) -> (w, h) of the image the text encoder sees;
+    # None: the text encoder sees no image
+    condition_size: Callable[[tuple[int, int], tuple[int, int]], tuple[int, int]] | None
+
+    # Encoding through the stock pipeline (loaded without its transformer).
+    encode_prompt: PromptEncoder
+    encode_image: ImageEncoder
+    decode_latents: LatentDecoder
+    # True: the prompt embedding depends on the sample's images, so the empty prompt (caption dropout) is encoded
+    # per row; False: one empty-prompt embedding serves the whole cache
+    prompt_sees_images: bool
+    max_sequence_length: int | None  # default text length (T5-style truncation/padding); None: never truncated
+
+    # Training.
+    lora_targets: tuple[str, ...]  # default --lora_target_modules
+    install_mixed: Callable[[nn.Module, str], None]  # per-sample processors/rope on the stock transformer
+    predict: Predict
+    unused_modules: Callable[[nn.Module], list[str]] = no_unused_modules  # outputs that never reach the loss
+    add_args: Callable[[argparse.ArgumentParser], None] = no_flags  # the trainer's model-specific flags
+    # (target tokens, scheduler) -> mu of the pipeline's dynamic shift, for timestep sampling and validation
+    timestep_mu: Callable[[int, FlowMatchEulerDiscreteScheduler], float] = shift_mu
+    initial_noise: NoiseSampler = unpacked_noise  # validation's starting latents, as the pipeline draws them
+
+    # Export, tiny checkpoint and demo.
+    comfyui_keys: ComfyUIKeys = same_keys
+    tiny_transformer_config: Mapping[str, Any] | None = None
+    tiny_components: Callable[[int], dict[str, Any]] | None = None  # seed -> every component but the transformer
+    demo_controls_per_row: tuple[int, ...] = (1,)  # controls of demo row i: entry i % len
+    # How caches name the model in their fingerprint: variants whose data are encoded alike share caches.
+    data_name: str = ""
+
+    def __post_init__(self) -> None:
+        """Default `data_name` to `name`."""
+        if not self.data_name:
+            object.__setattr__(self, "data_name", self.name)
+
+    def policy(self, **kwargs: Any) -> ResolutionPolicy:
+        """A ResolutionPolicy with this model's multiple and rounding (kwargs: the policy's other fields)."""
+        return ResolutionPolicy(multiple=self.multiple, rounding=self.rounding, **kwargs)
+
+    def too_many_references(self, count: int) -> str | None:
+        """Why `count` control images are too many for this model, or None."""
+        if self.max_references is None or count <= self.max_references:
+            return None
+        allowed = "one control image" if self.max_references == 1 else f"at most {self.max_references} control images"
+        return f"{self.title} takes {allowed}, got {count}"
