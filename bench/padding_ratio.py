@@ -13,7 +13,7 @@ import argparse
 import random
 import statistics
 
-from common.resolution import MODEL_MULTIPLE, ResolutionPolicy
+from common.models import get_model
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler
 
 MULTI_RESOLUTIONS = ("512*512", "768*768", "1024*1024")
@@ -33,7 +33,7 @@ def synthetic_sizes(num_samples: int, seed: int) -> list[tuple[int, int]]:
 
 def token_counts(sizes: list[tuple[int, int]], model: str) -> list[int]:
     """Target image tokens of each sample as sized for `model`: (h / 16) * (w / 16)."""
-    policy = ResolutionPolicy.for_model(model, multi_resolutions=MULTI_RESOLUTIONS)
+    policy = get_model(model).policy(multi_resolutions=MULTI_RESOLUTIONS)
     return [(w // 16) * (h // 16) for w, h in (policy.plan(*size).size for size in sizes)]
 
 
@@ -64,7 +64,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for model in ("qwen_edit", "flux_kontext"):
         lengths = token_counts(sizes, model)
-        label = f"{model} ({MODEL_MULTIPLE[model]})"
+        label = f"{model} ({get_model(model).multiple})"
         rows: list[tuple[str, str, str, RandomBatchSampler]] = [
             ("random", "-", "-", RandomBatchSampler(lengths, args.batch_size))
         ]

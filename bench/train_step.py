@@ -60,8 +60,8 @@ from bench.padding_ratio import synthetic_sizes
 from common import flux, qwen
 from common.attention import BACKENDS, MixedAttention, available_backends, base_model
 from common.loss import masked_mse_loss
+from common.models import get_model
 from common.padding import lengths_mask
-from common.resolution import ResolutionPolicy
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler
 from common.tiny import tiny_transformer
 
@@ -160,7 +160,7 @@ class Stopwatch:
 def dataset(model: str, num_samples: int, shrink: int, seed: int) -> list[Sample]:
     """Synthetic samples sized like `model`'s pipeline, image sides (and text) shrunk for --tiny."""
     areas = [f"{side // shrink}*{side // shrink}" for side in AREAS]
-    policy = ResolutionPolicy.for_model(model, multi_resolutions=areas)
+    policy = get_model(model).policy(multi_resolutions=areas)
     rng = random.Random(seed)
     samples = []
     for w, h in synthetic_sizes(num_samples, seed):

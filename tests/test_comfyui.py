@@ -24,14 +24,12 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import train_flux_kontext
-from common import qwen_edit
 from common.comfyui import comfyui_state_dict, save_comfyui_lora
-from common.encoders import PIPELINES
+from common.models import MODELS, flux_kontext, qwen_edit
 from common.tiny import tiny_transformer
 
 # The Kontext trainer's defaults plus the single blocks' proj_out.
-FLUX_DEFAULT_TARGETS = [*train_flux_kontext.LORA_TARGETS, "proj_out"]
+FLUX_DEFAULT_TARGETS = [*flux_kontext.LORA_TARGETS, "proj_out"]
 FLUX_EVERY_LINEAR = FLUX_DEFAULT_TARGETS + [
     "norm1.linear",
     "norm1_context.linear",
@@ -83,7 +81,7 @@ def save_random_lora(model: str, directory: Path, config: LoraConfig, metadata: 
     transformer = tiny_transformer(model)
     transformer.add_adapter(config)
     randomize_lora(transformer)
-    PIPELINES[model].save_lora_weights(
+    MODELS[model].pipeline_class.save_lora_weights(
         directory,
         transformer_lora_layers=get_peft_model_state_dict(transformer),
         transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict() if metadata else None,
@@ -228,7 +226,7 @@ def test_qwen_export_loads_into_diffusers_with_the_same_effect(tiny_checkpoint, 
 
     outs = []
     for file in (diffusers_file, comfy_file, None):
-        pipe = PIPELINES[model].from_pretrained(path)
+        pipe = MODELS[model].pipeline_class.from_pretrained(path)
         if file is not None:
             pipe.load_lora_weights(file)
         outs.append(run_qwen(pipe.transformer))

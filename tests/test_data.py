@@ -25,7 +25,7 @@ from common.data import (
     source_hash,
     token_grid,
 )
-from common.resolution import ResolutionPolicy
+from common.models import get_model
 
 # The processor every pipeline builds: VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2).
 PROCESSOR = VaeImageProcessor(vae_scale_factor=16)
@@ -288,7 +288,7 @@ def _check_vae_input(tensor: torch.Tensor, image: PIL.Image.Image, width: int, h
 
 
 def test_prepare_flux_kontext_sizes_each_image_by_its_own_ratio():
-    policy = ResolutionPolicy.for_model("flux_kontext", target_area=256 * 256)
+    policy = get_model("flux_kontext").policy(target_area=256 * 256)
     target, control = _image(300, 200, 1), _image(120, 200, 2)
     sample = prepare_sample(_row(target, [control]), "flux_kontext", policy)
     # FluxKontextPipeline: round(sqrt(area * ratio)) // 16 * 16 per side.
@@ -300,7 +300,7 @@ def test_prepare_flux_kontext_sizes_each_image_by_its_own_ratio():
 
 
 def test_prepare_qwen_edit_matches_pipeline():
-    policy = ResolutionPolicy.for_model("qwen_edit", target_area=1024 * 1024)
+    policy = get_model("qwen_edit").policy(target_area=1024 * 1024)
     target, control = _image(64, 48, 1), _image(200, 150, 2)
     sample = prepare_sample(_row(target, [control]), "qwen_edit", policy)
     width, height, _ = pipeline_qwenimage_edit.calculate_dimensions(1024 * 1024, 200 / 150)
@@ -312,7 +312,7 @@ def test_prepare_qwen_edit_matches_pipeline():
 
 
 def test_prepare_qwen_edit_plus_matches_pipeline():
-    policy = ResolutionPolicy.for_model("qwen_edit_plus", target_area=pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE)
+    policy = get_model("qwen_edit_plus").policy(target_area=pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE)
     controls = [_image(200, 120, 2), _image(90, 160, 3)]
     sample = prepare_sample(_row(_image(64, 64, 1), controls), "qwen_edit_plus", policy)
     assert len(sample.controls) == len(sample.condition_images) == 2
@@ -330,7 +330,7 @@ def test_prepare_qwen_edit_plus_matches_pipeline():
 
 
 def test_prepare_crops_over_long_images_before_resizing():
-    policy = ResolutionPolicy.for_model("qwen_edit", target_area=384 * 128, max_aspect_ratio=3.0)
+    policy = get_model("qwen_edit").policy(target_area=384 * 128, max_aspect_ratio=3.0)
     target = _image(400, 100, 1)
     sample = prepare_sample(_row(target, mask=_left_mask(400, 100, 125)), "qwen_edit", policy)
     _check_vae_input(sample.target, target.crop((50, 0, 350, 100)), 384, 128)
@@ -347,7 +347,7 @@ def test_token_grid():
 
 @pytest.mark.parametrize("mask_scale", [1, 0.5])
 def test_mask_is_the_edit_share_of_each_token(mask_scale):
-    policy = ResolutionPolicy.for_model("flux_kontext", target_area=256 * 128)
+    policy = get_model("flux_kontext").policy(target_area=256 * 128)
     mask = _left_mask(256, 128, 128).resize((int(256 * mask_scale), int(128 * mask_scale)), PIL.Image.NEAREST)
     sample = prepare_sample(_row(_image(256, 128, 1), mask=mask), "flux_kontext", policy)
     assert sample.mask.shape == token_grid(*sample.target.shape[1:]) == (8, 16)
@@ -356,7 +356,7 @@ def test_mask_is_the_edit_share_of_each_token(mask_scale):
 
 
 def test_mask_equals_area_average_of_resized_mask():
-    policy = ResolutionPolicy.for_model("flux_kontext", target_area=200 * 120)
+    policy = get_model("flux_kontext").policy(target_area=200 * 120)
     rng = np.random.default_rng(0)
     blocks = PIL.Image.fromarray(rng.integers(0, 256, (3, 5), dtype=np.uint8))
     mask = blocks.resize((125, 75), PIL.Image.NEAREST)  # random soft regions, half the target's resolution
@@ -369,7 +369,7 @@ def test_mask_equals_area_average_of_resized_mask():
 
 
 def test_prepare_rejects_unknown_model_and_mismatched_mask():
-    policy = ResolutionPolicy.for_model("flux_kontext", target_area=64 * 64)
+    policy = get_model("flux_kontext").policy(target_area=64 * 64)
     with pytest.raises(ValueError, match="unknown model 'sdxl'"):
         prepare_sample(_row(_image(64, 64, 1)), "sdxl", policy)
     row = _row(_image(64, 64, 1), mask=_left_mask(64, 32, 16))
@@ -411,7 +411,7 @@ BAD = {
 
 def test_every_bad_row_names_its_id_and_file(tmp_path):
     root = _bad_folder(tmp_path / "d")
-    policy = ResolutionPolicy.for_model("qwen_edit_plus", target_area=64 * 64)
+    policy = get_model("qwen_edit_plus").policy(target_area=64 * 64)
     rows = {row.sample_id: row for row in read_rows(root)}
     for sample_id, file in BAD.items():
         with pytest.raises(BadSampleError) as info:
@@ -420,7 +420,7 @@ def test_every_bad_row_names_its_id_and_file(tmp_path):
         assert (info.value.sample_id, info.value.path) == (sample_id, str(root / file))
     # A row without control is a valid sample for every model: it carries only its target.
     for model in ("flux_kontext", "qwen_edit", "qwen_edit_plus"):
-        sample = prepare_sample(rows["no_control"], model, ResolutionPolicy.for_model(model, target_area=64 * 64))
+        sample = prepare_sample(rows["no_control"], model, get_model(model).policy(target_area=64 * 64))
         assert (sample.controls, sample.condition_images, sample.target.shape[0]) == ([], [], 3)
 
 
@@ -429,7 +429,7 @@ def test_missing_file_in_manifest(tmp_path):
     lines = [{"image": "t.png", "prompt": "p"}, {"image": "t.png", "control": ["gone.png"], "prompt": "p"}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     rows = read_rows(tmp_path / "m.jsonl")
-    policy = ResolutionPolicy.for_model("flux_kontext", target_area=32 * 32)
+    policy = get_model("flux_kontext").policy(target_area=32 * 32)
     with pytest.raises(BadSampleError, match="No such file") as info:
         prepare_sample(rows[1], "flux_kontext", policy)
     assert "'m.jsonl:2'" in str(info.value) and str(tmp_path / "gone.png") in str(info.value)
@@ -441,7 +441,7 @@ def test_corrupt_image_in_hf_dataset(tmp_path):
     data = {"image": [good, {"bytes": b"not an image", "path": None}], "prompt": ["p", "p"]}
     datasets.Dataset.from_dict(data, features=features).save_to_disk(str(tmp_path / "hf"))
     rows = read_rows(tmp_path / "hf")
-    policy = ResolutionPolicy.for_model("qwen_edit", target_area=32 * 32)
+    policy = get_model("qwen_edit").policy(target_area=32 * 32)
     assert prepare_sample(rows[0], "qwen_edit", policy).target.shape == (3, 32, 32)
     with pytest.raises(BadSampleError, match=r"'dataset\[1\]'.*dataset\[1\]\.image"):
         prepare_sample(rows[1], "qwen_edit", policy)
@@ -449,7 +449,7 @@ def test_corrupt_image_in_hf_dataset(tmp_path):
 
 def test_prepare_all_skips_and_reports_bad_rows(tmp_path):
     rows = read_rows(_bad_folder(tmp_path / "d"))
-    policy = ResolutionPolicy.for_model("qwen_edit_plus", target_area=64 * 64)
+    policy = get_model("qwen_edit_plus").policy(target_area=64 * 64)
 
     def prepare(row: EditRow):
         return prepare_sample(row, "qwen_edit_plus", policy)
@@ -477,7 +477,7 @@ def test_parallel_control_without_target_is_a_bad_row(tmp_path):
         ("a", (str(tmp_path / "control" / "a.jpg"),)),
         ("b", (str(tmp_path / "control" / "b.png"),)),
     ]
-    policy = ResolutionPolicy.for_model("flux_kontext", target_area=32 * 32)
+    policy = get_model("flux_kontext").policy(target_area=32 * 32)
     with pytest.raises(BadSampleError, match="target image is missing") as info:
         prepare_sample(rows[1], "flux_kontext", policy)
     assert info.value.path == str(tmp_path / "target" / "b.png")

@@ -18,7 +18,11 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
     calculate_dimensions,
 )
 
-from common.encoders import PIPELINES, Encoders, encode_row, latent_shape_to_tokens, load_encoders, pack_latents
+from common.batch import latent_shape_to_tokens, pack_latents
+from common.encoders import Encoders, encode_row, load_encoders
+from common.models import MODELS
+
+PIPELINES = {name: model.pipeline_class for name, model in MODELS.items()}
 
 PROMPT = "Make the sky blue and add a small red dog."
 LONG_PROMPT = "Turn the cat into a tiger sitting on a wooden chair. Remove the person in the background."
@@ -87,12 +91,9 @@ def test_pack_latents_matches_pipelines() -> None:
     for cls in (FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline):
         assert torch.equal(packed, cls._pack_latents(latents[None], 1, 16, 6, 10)[0])
     assert packed.shape == (15, 64)
-    for model in PIPELINES:
-        assert latent_shape_to_tokens(model, latents.shape) == (3, 5)
+    assert latent_shape_to_tokens(latents.shape) == (3, 5)
     with pytest.raises(ValueError):
-        latent_shape_to_tokens("flux_kontext", (16, 6, 9))
-    with pytest.raises(ValueError):
-        latent_shape_to_tokens("sdxl", (16, 6, 10))
+        latent_shape_to_tokens((16, 6, 9))
 
 
 def test_encoders_are_frozen_without_transformer(encoders: dict[str, Encoders]) -> None:
@@ -140,7 +141,7 @@ def test_flux_equals_stock_inference_inputs(encoders: dict[str, Encoders], pipes
     )
     assert torch.equal(seen["encoder_hidden_states"][0], out["prompt_embeds"])
     assert torch.equal(seen["pooled_projections"][0], out["pooled_prompt_embeds"])
-    n_target = math.prod(latent_shape_to_tokens("flux_kontext", out["target_latents"].shape))
+    n_target = math.prod(latent_shape_to_tokens(out["target_latents"].shape))
     assert torch.equal(seen["hidden_states"][0, n_target:], pack_latents(out["control_latents"][0]))
 
 
@@ -272,6 +273,6 @@ def test_qwen_equals_stock_inference_inputs(
     image = raw[0] if model == "qwen_edit" else raw
     seen = _capture_transformer_inputs(pipe, image=image, prompt=PROMPT, height=64, width=96, true_cfg_scale=1.0)
     assert torch.equal(seen["encoder_hidden_states"][0], out["prompt_embeds"])
-    n_target = math.prod(latent_shape_to_tokens(model, out["target_latents"].shape))
+    n_target = math.prod(latent_shape_to_tokens(out["target_latents"].shape))
     packed = torch.cat([pack_latents(c) for c in out["control_latents"]])
     assert torch.equal(seen["hidden_states"][0, n_target:], packed)

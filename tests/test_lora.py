@@ -1,10 +1,10 @@
 """common.lora: adapters that train, exclusions DDP needs, and an exact save/load round trip."""
 
 import torch
-from common.qwen_edit import LORA_TARGETS, unused_modules
 from diffusers import QwenImageEditPipeline
 
 from common.lora import add_lora, load_lora, save_lora
+from common.models.qwen_edit import LORA_TARGETS, unused_modules
 from common.tiny import tiny_transformer
 
 

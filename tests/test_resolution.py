@@ -7,15 +7,15 @@ import pytest
 from diffusers.pipelines.flux import pipeline_flux_kontext
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
+from common.models import MODELS, get_model
+from common.models.flux_kontext import FLUX_KONTEXT, kontext_preferred_size
+from common.models.qwen_edit import QWEN_EDIT
 from common.resolution import (
-    MODEL_MULTIPLE,
-    MODEL_ROUNDING,
     ResizePlan,
     ResolutionPolicy,
     aspect_crop_box,
     choose_size,
     fixed_size_crop_box,
-    kontext_preferred_size,
     parse_resolution,
     select_area,
     size_for_area,
@@ -125,7 +125,7 @@ def test_size_for_area_matches_qwen_calculate_dimensions(module):
             if ref_w == 0 or ref_h == 0:
                 continue  # degenerate in diffusers; ours clamps to one multiple
             assert size_for_area(w, h, area, 32) == (ref_w, ref_h), (w, h, area)
-            assert size_for_area(w, h, area, MODEL_MULTIPLE["qwen_edit"], MODEL_ROUNDING["qwen_edit"]) == (ref_w, ref_h)
+            assert size_for_area(w, h, area, QWEN_EDIT.multiple, QWEN_EDIT.rounding) == (ref_w, ref_h)
             checked += 1
     assert checked > 1500
 
@@ -159,7 +159,7 @@ def test_size_for_area_matches_flux_kontext():
             ref = _flux_kontext_reference(w, h, area)
             if 0 in ref:
                 continue
-            got = size_for_area(w, h, area, MODEL_MULTIPLE["flux_kontext"], MODEL_ROUNDING["flux_kontext"])
+            got = size_for_area(w, h, area, FLUX_KONTEXT.multiple, FLUX_KONTEXT.rounding)
             assert got == ref, (w, h, area)
             assert got[0] % 16 == 0 and got[1] % 16 == 0
 
@@ -167,7 +167,12 @@ def test_size_for_area_matches_flux_kontext():
 def test_model_multiples_match_pipeline_sources():
     import inspect
 
-    assert MODEL_MULTIPLE == {"flux_kontext": 16, "qwen_edit": 32, "qwen_edit_plus": 32}
+    assert {name: model.multiple for name, model in MODELS.items()} == {
+        "flux_kontext": 16,
+        "qwen_edit": 32,
+        "qwen_edit_plus": 32,
+        "qwen_edit_2511": 32,
+    }
     # Qwen calculate_dimensions rounds to 32 in both Edit and Edit-Plus.
     for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus):
         src = inspect.getsource(module.calculate_dimensions)
@@ -222,7 +227,9 @@ def test_kontext_preferred_resolutions_match_diffusers():
     assert kontext_preferred_size(1000, 1000) == (1024, 1024)
     assert kontext_preferred_size(1920, 1080) == (1392, 752)  # 1.778: 1392/752=1.851 beats 1328/800=1.66
     for w, h in itertools.product(SIDES, SIDES):
-        ar = w / h
+        if min(w, h) < 16:
+            continue
+        ar = (w - w % 16) / (h - h % 16)  # the image processor's default size rounds each side down to 16 first
         _, ew, eh = min((abs(ar - a / b), a, b) for a, b in pipeline_flux_kontext.PREFERRED_KONTEXT_RESOLUTIONS)
         assert kontext_preferred_size(w, h) == (ew, eh)
 
@@ -316,21 +323,21 @@ def test_seed_multi_resolution_config():
 
 
 def test_policy_fixed_size_and_for_model():
-    p = ResolutionPolicy.for_model("qwen_edit", fixed_size=(1024, 768))
+    p = get_model("qwen_edit").policy(fixed_size=(1024, 768))
     assert (p.multiple, p.rounding, p.is_multi_resolution) == (32, "nearest", False)
     assert p.plan(2000, 1000) == ResizePlan((333, 0, 1666, 1000), (1024, 768))  # 1333x1000 is 4:3
     assert p.plan(800, 600) == ResizePlan((0, 0, 800, 600), (1024, 768))
     assert fixed_size_crop_box(600, 1000, (1024, 768)) == (0, 275, 600, 725)
 
-    f = ResolutionPolicy.for_model("flux_kontext", target_area="1024*1024")
+    f = get_model("flux_kontext").policy(target_area="1024*1024")
     assert (f.multiple, f.rounding, f.target_area) == (16, "floor", 1048576)
     assert f.plan(1920, 1080).size == _flux_kontext_reference(1920, 1080, 1024 * 1024)
 
-    q = ResolutionPolicy.for_model("qwen_edit_plus", target_area=1024 * 1024, max_aspect_ratio=None)
+    q = get_model("qwen_edit_plus").policy(target_area=1024 * 1024, max_aspect_ratio=None)
     assert q.plan(1920, 1080).size == pipeline_qwenimage_edit_plus.calculate_dimensions(1024 * 1024, 1920 / 1080)
 
-    with pytest.raises(ValueError, match="Unknown model"):
-        ResolutionPolicy.for_model("sdxl", target_area=1024)
+    with pytest.raises(ValueError, match="unknown model"):
+        get_model("sdxl")
     with pytest.raises(ValueError, match="No resolution configured"):
         ResolutionPolicy(multiple=16)
     with pytest.raises(ValueError, match="Invalid resolution spec 'big'"):

@@ -17,9 +17,8 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 
 import train_flux_kontext
 import train_qwen_edit_plus
-from common import qwen_edit
 from common.lora import add_lora
-from common.training import Recipe
+from common.models import EditModel
 from common.validation import Validation, validation_rows
 
 PROMPTS = [
@@ -47,17 +46,17 @@ def _flags(checkpoint: Path, tmp_path: Path, images: list[str], *extra: str) -> 
     ]  # fmt: skip
 
 
-def _trained_transformer(checkpoint: Path, recipe: Recipe) -> torch.nn.Module:
+def _trained_transformer(checkpoint: Path, model: EditModel) -> torch.nn.Module:
     """The checkpoint's transformer as training holds it: mixed-batch hooks, a LoRA with nonzero B, train mode."""
-    transformer = recipe.transformer_class.from_pretrained(checkpoint, subfolder="transformer")
-    recipe.install_mixed(transformer, "auto")
-    add_lora(transformer, 4, 4.0, list(recipe.lora_targets), recipe.unused_modules(transformer))
+    transformer = model.transformer_class.from_pretrained(checkpoint, subfolder="transformer")
+    model.install_mixed(transformer, "auto")
+    add_lora(transformer, 4, 4.0, list(model.lora_targets), model.unused_modules(transformer))
     randomize_lora(transformer)
     return transformer.train()
 
 
 def _sample_and_watch(
-    validation: Validation, transformer: torch.nn.Module, recipe: Recipe, args: argparse.Namespace
+    validation: Validation, transformer: torch.nn.Module, args: argparse.Namespace
 ) -> tuple[list[torch.Tensor], list[PIL.Image.Image], list[tuple[bool, int]]]:
     """Final latents and images of the validation set, and (training mode, batch size) of every transformer call."""
     calls: list[tuple[bool, int]] = []
@@ -67,7 +66,7 @@ def _sample_and_watch(
 
     handle = transformer.register_forward_pre_hook(watch, with_kwargs=True)
     try:
-        latents = validation.denoise(transformer, recipe, args)
+        latents = validation.denoise(transformer, args)
     finally:
         handle.remove()
     return latents, validation.decode(latents), calls
@@ -108,17 +107,17 @@ def test_flux_kontext_batch_equals_stock_pipeline_per_sample(tiny_checkpoint: An
     images = [_write(tmp_path / f"{k}.png", w, h, seed=k) for k, (w, h) in enumerate(sizes)]
     extra = ("--multi_resolutions", "64*64", "128*128", "--max_sequence_length", "32")
     args = train_flux_kontext.parse_args(_flags(checkpoint, tmp_path, images, *extra))
-    recipe = train_flux_kontext.RECIPE
-    transformer = _trained_transformer(checkpoint, recipe)
+    model = train_flux_kontext.MODEL
+    transformer = _trained_transformer(checkpoint, model)
 
-    validation = Validation(args, recipe.model, torch.device("cpu"), torch.float32)
+    validation = Validation(args, model, torch.device("cpu"), torch.float32)
     assert [(s.width, s.height) for s in validation.samples] == sizes
     assert [s.img_shapes for s in validation.samples] == [[(1, h // 16, w // 16)] * 2 for w, h in sizes]
-    latents, rendered, calls = _sample_and_watch(validation, transformer, recipe, args)
+    latents, rendered, calls = _sample_and_watch(validation, transformer, args)
     assert calls == [(False, 3)] * STEPS  # all samples in one eval-mode batch per step
     assert transformer.training
     assert [image.size for image in rendered] == sizes
-    assert [image.size for image in validation.sample(transformer, recipe, args)] == sizes
+    assert [image.size for image in validation.sample(transformer, args)] == sizes
 
     pipe = FluxKontextPipeline.from_pretrained(checkpoint, transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
@@ -144,14 +143,14 @@ def test_qwen_edit_plus_batch_equals_stock_pipeline_per_sample(
     # The stock pipeline sizes every reference to VAE_IMAGE_SIZE (1 MP; several seconds per VAE pass on CPU) with
     # the rule the policy applies with --target_area; both use 128*128 here, the pipeline's code otherwise as is.
     monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 128 * 128)
-    args = qwen_edit.parse_args("", _flags(checkpoint, tmp_path, entries, "--target_area", "128*128"))
-    recipe = train_qwen_edit_plus.RECIPE
-    transformer = _trained_transformer(checkpoint, recipe)
+    args = train_qwen_edit_plus.parse_args(_flags(checkpoint, tmp_path, entries, "--target_area", "128*128"))
+    model = train_qwen_edit_plus.MODEL
+    transformer = _trained_transformer(checkpoint, model)
 
-    validation = Validation(args, recipe.model, torch.device("cpu"), torch.float32)
+    validation = Validation(args, model, torch.device("cpu"), torch.float32)
     assert [(s.width, s.height) for s in validation.samples] == sizes
     assert [len(s.references) for s in validation.samples] == [1, 2, 1]
-    latents, rendered, calls = _sample_and_watch(validation, transformer, recipe, args)
+    latents, rendered, calls = _sample_and_watch(validation, transformer, args)
     assert calls == [(False, 3)] * STEPS
     assert transformer.training
     assert [image.size for image in rendered] == sizes

@@ -72,8 +72,7 @@ def train_inprocess(model: str, argv: list[str]) -> Path:
     script = importlib.import_module(SCRIPTS[model])
     from common.demo import run
 
-    parse = script.parse_args if model == "flux_kontext" else lambda a: script.parse_args("", a)
-    return run(parse(argv), script.RECIPE)
+    return run(script.parse_args(argv), script.MODEL)
 
 
 def command(model: str, argv: list[str], processes: int = 1) -> list[str]:
