@@ -101,13 +101,13 @@ class EditModel:
     tiny_transformer_config: Mapping[str, Any] | None = None
     tiny_components: Callable[[int], dict[str, Any]] | None = None  # seed -> every component but the transformer
     demo_controls_per_row: tuple[int, ...] = (1,)  # controls of demo row i: entry i % len
-    # How caches name the model in their fingerprint: variants whose data are encoded alike share caches.
-    data_name: str = ""
+    # A model whose data this one encodes identically (same pipeline, same sizes), so its caches serve both.
+    shares_data_with: str | None = None
 
-    def __post_init__(self) -> None:
-        """Default `data_name` to `name`."""
-        if not self.data_name:
-            object.__setattr__(self, "data_name", self.name)
+    @property
+    def data_name(self) -> str:
+        """How cache fingerprints name this model's data."""
+        return self.shares_data_with or self.name
 
     def policy(self, **kwargs: Any) -> ResolutionPolicy:
         """A ResolutionPolicy with this model's multiple and rounding (kwargs: the policy's other fields)."""

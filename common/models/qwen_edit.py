@@ -170,5 +170,5 @@ QWEN_EDIT_2511 = dataclasses.replace(
     name="qwen_edit_2511",
     title="Qwen-Image-Edit-2511",
     tiny_transformer_config={**QWEN_TRANSFORMER, "zero_cond_t": True},
-    data_name=QWEN_EDIT_PLUS.data_name,  # same pipeline, same encoded data: Edit-Plus caches serve it
+    shares_data_with=QWEN_EDIT_PLUS.name,  # same pipeline, same encoded data: Edit-Plus caches serve it
 )
