@@ -381,12 +381,18 @@ def _columns(dataset: datasets.Dataset, names: list[str]) -> pa.Table:
 
 
 def load_cache(
-    cache_dir: str | os.PathLike, fingerprint: dict | None = None, *, subset: bool = False
+    cache_dir: str | os.PathLike,
+    fingerprint: dict | None = None,
+    *,
+    subset: bool = False,
+    defaults: dict | None = None,
 ) -> datasets.Dataset:
     """Memory-mapped dataset of a finalized cache (or a legacy v1.0 one), one row per cached sample, by index.
 
     A given fingerprint must equal the stored one (FingerprintMismatch otherwise); with subset=True only its own
-    keys are compared (e.g. a fingerprint of the settings alone, without the rows' content).
+    keys are compared (e.g. a fingerprint of the settings alone, without the rows' content). `defaults` gives the
+    value of a key that either side lacks: a setting added later, left out of fingerprints at its old behaviour,
+    so caches written before it existed stay valid and one built with another value is still refused.
     """
     cache_dir = Path(cache_dir)
     saved_dataset = (cache_dir / datasets.config.DATASET_STATE_JSON_FILENAME).exists()
@@ -394,7 +400,9 @@ def load_cache(
         info = {"version": LEGACY_VERSION, "fingerprint": {}}
     else:
         info = cache_info(cache_dir)
-    stored = info["fingerprint"]
+    stored = {**(defaults or {}), **info["fingerprint"]}
+    if fingerprint is not None:
+        fingerprint = {**(defaults or {}), **fingerprint}
     if fingerprint is not None and subset:
         stored = {key: value for key, value in stored.items() if key in fingerprint}
     if fingerprint is not None and (differences := fingerprint_diff(stored, fingerprint)):

@@ -43,6 +43,9 @@ from common.encoders import Encoders, encode_row, load_encoders
 from common.models import EditModel, get_model
 from common.resolution import ResolutionPolicy
 
+# Fingerprint settings left out at these values (added after caches existed; see `common.cache.load_cache`).
+FINGERPRINT_DEFAULTS = {"control_resolution": "target"}
+
 
 @dataclass
 class TrainingData:
@@ -114,8 +117,8 @@ def data_fingerprint(args: argparse.Namespace, model: EditModel | str, rows: Seq
         "max_aspect_ratio": args.max_aspect_ratio,
         "max_sequence_length": text_length(args, model),
     }
-    control_resolution = getattr(args, "control_resolution", "target")
-    if control_resolution != "target":
+    control_resolution = getattr(args, "control_resolution", FINGERPRINT_DEFAULTS["control_resolution"])
+    if control_resolution != FINGERPRINT_DEFAULTS["control_resolution"]:
         settings["control_resolution"] = control_resolution
     if rows is None:
         return settings
@@ -156,7 +159,7 @@ def _open_cached(args: argparse.Namespace, model: EditModel) -> TrainingData:
     rows = _read(args) if args.dataset else None
     requested = data_fingerprint(args, model, rows)
     try:
-        dataset = load_cache(args.cache_dir, requested, subset=rows is None)
+        dataset = load_cache(args.cache_dir, requested, subset=rows is None, defaults=FINGERPRINT_DEFAULTS)
     except (FileNotFoundError, CacheNotFinished) as error:
         message = f"{error}\nbuild it with precompute_cache.py:\n  {precompute_command(args, model)}"
         raise type(error)(message) from error

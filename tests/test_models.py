@@ -161,3 +161,21 @@ def test_control_resolution_area_fixes_the_reference_area():
         assert policy.plan(1000, 500).size == model.policy(target_area=64 * 64).plan(1000, 500).size
     with pytest.raises(SystemExit):
         argparse_namespace(["--control_resolution", "large"])
+
+
+def test_validation_sizes_references_like_training(tmp_path, tiny_checkpoint):
+    """Validation prepares its references with the run's --control_resolution, as the training rows were."""
+    from common.validation import Validation
+
+    image = tmp_path / "control.png"
+    Image.fromarray(np.zeros((200, 300, 3), dtype=np.uint8)).save(image)
+    checkpoint = str(tiny_checkpoint("qwen_edit_plus"))
+    argv = ["--pretrained_model_name_or_path", checkpoint, "--dataset", "d", "--target_area", "64*64"]
+    argv += ["--validation_prompts", "make it red", "--validation_images", f"{image},{image}"]
+    argv += ["--output_dir", str(tmp_path / "out"), "--control_resolution", "128*128"]
+    args = parse_training_args(QWEN_EDIT_PLUS, "", argv)
+    sample = Validation(args, QWEN_EDIT_PLUS, torch.device("cpu"), torch.float32).samples[0]
+    reference = QWEN_EDIT_PLUS.policy(target_area=128 * 128).plan(300, 200).size  # (160, 96)
+    output = QWEN_EDIT_PLUS.policy(target_area=64 * 64).plan(300, 200).size
+    assert (sample.width, sample.height) == output
+    assert sample.img_shapes[1:] == [(1, reference[1] // 16, reference[0] // 16)] * 2

@@ -1,17 +1,21 @@
 """open_training_data: items encoded on the fly equal those of a cache precompute_cache.py built from the same data."""
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 from PIL import Image
 from test_cache import assert_same
 
 import precompute_cache
-from common.cache import CacheNotFinished, CacheWriter, FingerprintMismatch, load_cache, token_counts
+from common.cache import CacheNotFinished, CacheWriter, FingerprintMismatch, cache_info, load_cache, token_counts
+from common.cli import resolution_policy
 from common.data import BadSampleError
+from common.models import get_model
 from common.training_data import data_fingerprint, open_training_data, precompute_command
 
 CPU = torch.device("cpu")
@@ -169,3 +173,38 @@ def test_missing_or_unfinished_cache_tells_how_to_build_it(tmp_path, tiny_checkp
 
     with pytest.raises(ValueError, match="--dataset.*--cache_dir"):
         open_training_data(flags(args, dataset=None, cache_dir=None), "qwen_edit", CPU, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("model", "control_resolution", "vae_image_size"),
+    [("flux_kontext", "80*80", None), ("qwen_edit", "64*64", None), ("qwen_edit_plus", "pipeline", 96 * 96)],
+)
+def test_control_resolution_in_precompute_and_uncached_alike(
+    tmp_path, tiny_checkpoint, monkeypatch, model, control_resolution, vae_image_size
+):
+    if vae_image_size:  # Edit-Plus's pipeline size, read from its module at call time; small keeps the VAE cheap
+        monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", vae_image_size)
+    dataset = write_pairs(tmp_path / "data", [1, 2, 0] if model == "qwen_edit_plus" else [1, 1, 0])
+    args = precompute(
+        model, tiny_checkpoint(model), dataset, tmp_path / "cache", "--control_resolution", control_resolution
+    )
+    assert cache_info(tmp_path / "cache")["fingerprint"]["control_resolution"] == control_resolution
+    cached = open_training_data(args, model, CPU, torch.float32)
+    uncached = open_training_data(flags(args, cache_dir=None), model, CPU, torch.float32)
+    policy = resolution_policy(args, model)
+    for i in range(len(cached.dataset)):
+        item = uncached.dataset[i]
+        assert_same(item, cached.dataset[i])
+        for k, latents in enumerate(item["control_latents"]):
+            width, height = SIZES[(i + k + 1) % len(SIZES)]
+            expected = policy.control_plan(width, height).size
+            assert (latents.shape[2] * 8, latents.shape[1] * 8) == expected
+            if control_resolution == "pipeline":
+                assert expected == pipeline_qwenimage_edit_plus.calculate_dimensions(vae_image_size, width / height)
+            else:
+                assert expected == get_model(model).policy(target_area=control_resolution).plan(width, height).size
+    # The default (`target`) asks for another cache, naming the flag, with or without --dataset.
+    for given in (args, flags(args, dataset=None)):
+        expected = f"control_resolution: cached '{re.escape(control_resolution)}', requested 'target'"
+        with pytest.raises(FingerprintMismatch, match=expected):
+            open_training_data(flags(given, control_resolution="target"), model, CPU, torch.float32)
