@@ -374,7 +374,7 @@ def _micro_step(
     ranks), scaled so DDP's gradient average gives the global-token mean; stops on NaN/inf before backward."""
     dtype = _weight_dtype(accelerator)
     noisy_batch, targets, weights = make_noisy_batch(
-        batch, epoch, args, scheduler, data, accelerator.device, dtype, model.timestep_mu
+        batch, epoch, args, scheduler, data, accelerator.device, dtype, lambda n, s: model.timestep_mu(n, s, None)
     )
     predictions = model.predict(transformer, noisy_batch, args)
     pred, valid = pad_sequences(predictions)

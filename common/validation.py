@@ -134,7 +134,9 @@ class Validation:
         for k, sample in enumerate(self.samples):
             x = self.initial_latents(k, channels, args.seed)
             scheduler = copy.deepcopy(self.scheduler)  # each sample's own shifted schedule, as its pipeline sets it
-            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=self.model.timestep_mu(x.shape[0], scheduler))
+            scheduler.set_timesteps(
+                sigmas=sigmas, device=self.device, mu=self.model.timestep_mu(x.shape[0], scheduler, steps)
+            )
             scheduler.set_begin_index(0)
             latents.append(x)
             schedulers.append(scheduler)

@@ -3,11 +3,10 @@ sizing references exactly as each stock pipeline's own code does at inference.""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +47,51 @@ def test_shared_modules_name_no_model():
     assert found == []
 
 
-def test_import_graph_reads_bottom_up():
-    """Model descriptions import no data/cache/loop module, and the loop imports validation, not the reverse."""
-    code = (
-        "import sys, common.models; print(sorted(m for m in sys.modules if m.startswith('common.')));"
-        "import common.validation; print('common.training' in sys.modules)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    loaded, validation_imports_training = out.splitlines()
-    for module in ("data", "cache", "encoders", "training_data", "training", "validation", "demo", "cli"):
-        assert f"'common.{module}'" not in loaded
-    assert validation_imports_training == "False"
+def _imports() -> dict[str, set[str]]:
+    """common.* modules each common module (and the scripts) import, anywhere in the file (lazy imports too)."""
+    files = {f"common.{p.stem}": p for p in (ROOT / "common").glob("*.py") if p.stem != "__init__"}
+    files |= {f"common.models.{p.stem}": p for p in (ROOT / "common" / "models").glob("*.py")}
+    files["common.models"] = files.pop("common.models.__init__")
+    graph = {}
+    for name, path in files.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("common"):
+                names = [f"{node.module}.{a.name}" for a in node.names]
+                found |= {n for n in names if n in files} or {node.module}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("common")}
+        graph[name] = {m for m in found if m in files and m != name}
+    return graph
+
+
+def test_import_graph_has_no_cycle_and_reads_bottom_up():
+    graph = _imports()
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import cycle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for dependency in graph[module]:
+                visit(dependency, (*path, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())
+    upper = {"data", "cache", "encoders", "training_data", "training", "validation", "demo", "cli", "tiny", "comfyui"}
+    for module in [m for m in graph if m.startswith("common.models")]:
+        reached = {m.removeprefix("common.") for m in _closure(graph, module)}
+        assert not reached & upper, (module, reached & upper)
+
+
+def _closure(graph: dict[str, set[str]], module: str) -> set[str]:
+    """Every module `module` imports, directly or not."""
+    seen, todo = set(), [module]
+    while todo:
+        for dependency in graph[todo.pop()] - seen:
+            seen.add(dependency)
+            todo.append(dependency)
+    return seen
 
 
 def test_a_new_model_is_one_description(tmp_path, monkeypatch):

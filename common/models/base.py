@@ -51,6 +51,13 @@ def same_keys(pairs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Tensor
     return pairs
 
 
+def scheduler_shift_mu(
+    image_seq_len: int, scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int | None = None
+) -> float:
+    """The FLUX.1 / Qwen-Image pipelines' `calculate_shift` with the scheduler's config (independent of steps)."""
+    return shift_mu(image_seq_len, scheduler)
+
+
 def unpacked_noise(generator: torch.Generator, channels: int, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
     """Noise drawn as the FLUX.1 / Qwen-Image pipelines draw it, (C, 2 rows, 2 cols) latents, then packed 2x2."""
     return pack_latents(torch.randn((channels, 2 * rows, 2 * cols), generator=generator, dtype=dtype))
@@ -92,8 +99,9 @@ class EditModel:
     predict: Predict
     unused_modules: Callable[[nn.Module], list[str]] = no_unused_modules  # outputs that never reach the loss
     add_args: Callable[[argparse.ArgumentParser], None] = no_flags  # the trainer's model-specific flags
-    # (target tokens, scheduler) -> mu of the pipeline's dynamic shift, for timestep sampling and validation
-    timestep_mu: Callable[[int, FlowMatchEulerDiscreteScheduler], float] = shift_mu
+    # (target tokens, scheduler, inference steps or None while training) -> mu of the pipeline's dynamic shift,
+    # for `--timestep_sampling shift` and validation (FLUX.2's empirical mu depends on the step count)
+    timestep_mu: Callable[[int, FlowMatchEulerDiscreteScheduler, int | None], float] = scheduler_shift_mu
     initial_noise: NoiseSampler = unpacked_noise  # validation's starting latents, as the pipeline draws them
 
     # Export, tiny checkpoint and demo.
