@@ -18,7 +18,7 @@ from PIL import Image
 import precompute_cache
 from common.cache import cache_info, load_cache
 from common.cli import parse_training_args, resolution_policy
-from common.data import EditRow, prepare_sample
+from common.data import BadSampleError, EditRow, prepare_sample
 from common.demo import write_dataset
 from common.models import MODELS, get_model
 from common.models.flux_kontext import FLUX_KONTEXT
@@ -212,3 +212,13 @@ def test_validation_sizes_references_like_training(tmp_path, tiny_checkpoint):
     output = QWEN_EDIT_PLUS.policy(target_area=64 * 64).plan(300, 200).size
     assert (sample.width, sample.height) == output
     assert sample.img_shapes[1:] == [(1, reference[1] // 16, reference[0] // 16)] * 2
+
+
+def test_too_many_controls_are_a_bad_row_naming_the_model():
+    image = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
+    row = EditRow(0, "s0", image, (image, image), "make it red", None, {"control_1": "s0_control_1.png"})
+    for name in ("flux_kontext", "qwen_edit"):
+        model = get_model(name)
+        with pytest.raises(BadSampleError, match=f"{re.escape(model.title)} takes one control image, got 2"):
+            prepare_sample(row, model, model.policy(target_area=64 * 64))
+    assert len(prepare_sample(row, QWEN_EDIT_PLUS, QWEN_EDIT_PLUS.policy(target_area=64 * 64)).controls) == 2

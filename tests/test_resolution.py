@@ -322,7 +322,7 @@ def test_seed_multi_resolution_config():
     assert policy.plan(3000, 500) == ResizePlan((750, 0, 2250, 500), size_for_area(1500, 500, 479232, 16))
 
 
-def test_policy_fixed_size_and_for_model():
+def test_policy_fixed_size_and_model_policy():
     p = get_model("qwen_edit").policy(fixed_size=(1024, 768))
     assert (p.multiple, p.rounding, p.is_multi_resolution) == (32, "nearest", False)
     assert p.plan(2000, 1000) == ResizePlan((333, 0, 1666, 1000), (1024, 768))  # 1333x1000 is 4:3
