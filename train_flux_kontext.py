@@ -24,6 +24,7 @@ from common import flux
 from common.attention import base_model
 from common.cli import add_data_args, add_model_args, add_training_args, check_training_args
 from common.demo import run
+from common.model_card import HubDescription
 from common.training import NoisyBatch, Recipe
 
 MODEL = "flux_kontext"
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="guidance embedding value while training")
     parser.add_argument("--max_sequence_length", type=int, default=512, help="T5 tokens, as in the cache")
     args = parser.parse_args(argv)
-    check_training_args(args)
+    check_training_args(args, argv)
     return args
 
 
@@ -94,6 +95,13 @@ RECIPE = Recipe(
     lora_targets=LORA_TARGETS,
     install_mixed=flux.install_mixed,
     predict=predict,
+    hub=HubDescription(
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        ("flux", "flux-kontext", "image-editing"),
+        license="other",
+        license_name="flux-1-dev-non-commercial-license",
+        license_link="https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md",
+    ),
 )
 
 

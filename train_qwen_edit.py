@@ -15,11 +15,14 @@ tokens appended after the target; `common.qwen.mixed_forward` gives every sample
 from diffusers import QwenImageEditPipeline
 
 from common.demo import run
+from common.model_card import HubDescription
 from common.qwen_edit import parse_args, recipe
 
 MODEL = "qwen_edit"
 
-RECIPE = recipe(MODEL, QwenImageEditPipeline)
+HUB = HubDescription("Qwen/Qwen-Image-Edit", ("qwen-image", "qwen-image-edit", "image-editing"), license="apache-2.0")
+
+RECIPE = recipe(MODEL, QwenImageEditPipeline, HUB)
 
 if __name__ == "__main__":
     run(parse_args(__doc__.split("\n\n")[0]), RECIPE)

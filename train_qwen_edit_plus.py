@@ -16,11 +16,18 @@ a batch), each one a "Picture k:" entry of the prompt at the condition size and 
 from diffusers import QwenImageEditPlusPipeline
 
 from common.demo import run
+from common.model_card import HubDescription
 from common.qwen_edit import parse_args, recipe
 
 MODEL = "qwen_edit_plus"
 
-RECIPE = recipe(MODEL, QwenImageEditPlusPipeline)
+HUB = HubDescription(
+    "Qwen/Qwen-Image-Edit-2509",
+    ("qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "image-editing"),
+    license="apache-2.0",
+)
+
+RECIPE = recipe(MODEL, QwenImageEditPlusPipeline, HUB)
 
 if __name__ == "__main__":
     run(parse_args(__doc__.split("\n\n")[0]), RECIPE)

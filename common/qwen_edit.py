@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from common import qwen
 from common.cli import add_data_args, add_model_args, add_training_args, check_training_args
+from common.model_card import HubDescription
 from common.training import NoisyBatch, Recipe
 
 # Every linear layer of the image and text streams of each block (attention and MLPs), not the modulation.
@@ -39,7 +40,7 @@ def parse_args(description: str, argv: list[str] | None = None) -> argparse.Name
     add_data_args(parser)
     add_training_args(parser, LORA_TARGETS)
     args = parser.parse_args(argv)
-    check_training_args(args)
+    check_training_args(args, argv)
     return args
 
 
@@ -59,7 +60,7 @@ def unused_modules(transformer: nn.Module) -> list[str]:
     return [f"{last}.{name}" for name in ("attn.add_q_proj", "attn.to_add_out", "txt_mlp.net.0.proj", "txt_mlp.net.2")]
 
 
-def recipe(model: str, pipeline_class: type[DiffusionPipeline]) -> Recipe:
+def recipe(model: str, pipeline_class: type[DiffusionPipeline], hub: HubDescription) -> Recipe:
     """The training recipe of one Qwen-Image-Edit variant."""
     return Recipe(
         model=model,
@@ -68,5 +69,6 @@ def recipe(model: str, pipeline_class: type[DiffusionPipeline]) -> Recipe:
         lora_targets=LORA_TARGETS,
         install_mixed=qwen.install_mixed,
         predict=predict,
+        hub=hub,
         unused_modules=unused_modules,
     )

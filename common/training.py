@@ -31,11 +31,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from common.checkpoints import resolve_resume, save_checkpoint, step_of
+from common.cli import public_config
 from common.encoders import pack_latents
 from common.flow_matching import noisy_and_target, sample_generator, sample_sigma
-from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora
+from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora, save_lora_state
 from common.loss import edit_mask_weights, masked_mse_loss
+from common.model_card import CARD_FILE, HubDescription, model_card, write_model_card
 from common.padding import pad_sequences, padding_ratio
+from common.plots import CURVES_FILE, save_training_curves
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, collate_ragged
 from common.training_data import TrainingData, open_training_data
 
@@ -69,6 +72,7 @@ class Recipe:
     lora_targets: tuple[str, ...]
     install_mixed: Callable[[nn.Module, str], None]
     predict: Callable[[nn.Module, NoisyBatch, argparse.Namespace], list[Tensor]]  # -> (N_i, C) target predictions
+    hub: HubDescription  # the official repository, tags and licence, for the model card
     unused_modules: Callable[[nn.Module], list[str]] = lambda transformer: []  # outputs that never reach the loss
 
 
@@ -238,16 +242,19 @@ class _Metrics:
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", pad=f"{values['padding_ratio']:.0%}")
 
 
-def _register_lora_hooks(accelerator: Accelerator, recipe: Recipe) -> None:
-    """Checkpoints hold the LoRA weights in the pipeline's format instead of the whole transformer."""
+def _register_lora_hooks(accelerator: Accelerator, recipe: Recipe, metrics_file: Path) -> None:
+    """Checkpoints hold the LoRA (in the pipeline's format, and as trained for resume) instead of the whole
+    transformer, and the training curves so far."""
 
     def save_hook(models: list[nn.Module], weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
             save_lora(recipe.pipeline_class, models[0], output_dir)
+            save_lora_state(models[0], output_dir)
+            save_training_curves(metrics_file, Path(output_dir) / CURVES_FILE)
         weights.clear()
 
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
-        load_lora(recipe.pipeline_class, models.pop(), input_dir)
+        load_lora(models.pop(), input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -263,8 +270,8 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
     )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / CONFIG_FILE).write_text(json.dumps(vars(args), indent=2, default=str))
-        logger.info(f"configuration: {json.dumps(vars(args), default=str)}", main_process_only=True)
+        (output_dir / CONFIG_FILE).write_text(json.dumps(public_config(args), indent=2, default=str))
+        logger.info(f"configuration: {json.dumps(public_config(args), default=str)}", main_process_only=True)
     set_seed(args.seed)
     weight_dtype = _weight_dtype(accelerator)
 
@@ -316,14 +323,14 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
-    _register_lora_hooks(accelerator, recipe)
+    _register_lora_hooks(accelerator, recipe, output_dir / METRICS_FILE)
     resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume is not None:
         accelerator.load_state(str(resume))
         logger.info(f"resumed from {resume} at step {step_of(resume)}", main_process_only=True)
     if accelerator.is_main_process and accelerator.log_with:
         # Trackers take scalars; lists (target modules, resolutions) are logged as their text.
-        config = {k: str(v) if isinstance(v, list | tuple) else v for k, v in vars(args).items()}
+        config = {k: str(v) if isinstance(v, list | tuple) else v for k, v in public_config(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config=config)
 
     metrics = _Metrics(accelerator, args, state.step)
@@ -379,8 +386,24 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
 
             save_comfyui_lora(recipe.model, lora_file, output_dir / COMFYUI_FILE)
         logger.info(f"LoRA weights written to {lora_file}", main_process_only=True)
+        _write_card_and_curves(args, recipe, data, accelerator)
     accelerator.end_training()
     return lora_file
+
+
+def _write_card_and_curves(
+    args: argparse.Namespace, recipe: Recipe, data: TrainingData, accelerator: Accelerator
+) -> None:
+    """training_curves.png and the model card README.md next to the final LoRA (main process)."""
+    output_dir = Path(args.output_dir)
+    save_training_curves(output_dir / METRICS_FILE, output_dir / CURVES_FILE)
+    repo_id = args.hub_model_id if args.push_to_hub else None
+    card = model_card(args, recipe, data, accelerator.num_processes, accelerator.mixed_precision, repo_id)
+    if write_model_card(output_dir, card) is None:
+        logger.warning(
+            f"{output_dir / CARD_FILE} was not written by this trainer: it is kept and no model card is written",
+            main_process_only=True,
+        )
 
 
 def _micro_step(
