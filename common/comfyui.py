@@ -30,7 +30,7 @@ from peft import LoraConfig
 from safetensors import safe_open
 
 from common.encoders import MODELS
-from common.lora import lora_scale, scaled
+from common.lora import lora_scale, scale_b
 
 _DIFFUSERS_KEY = re.compile(r"transformer\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight")
 _FLUX_BLOCK = re.compile(r"(?P<single>single_)?transformer_blocks\.(?P<index>\d+)\.(?P<name>.+)")
@@ -94,7 +94,7 @@ def comfyui_state_dict(
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
     scaled = {
-        module: (a, scaled(b, lora_scale(module, a.shape[0], alpha, alpha_pattern or {}, use_rslora)))
+        module: (a, scale_b(b, lora_scale(module, a.shape[0], alpha, alpha_pattern or {}, use_rslora)))
         for module, (a, b) in _lora_pairs(lora_state_dict).items()
     }
     if model == "flux_kontext":

@@ -63,7 +63,7 @@ def lora_scale(module: str, rank: int, alpha: float | None, alpha_pattern: Mappi
     return module_alpha / (math.sqrt(rank) if rslora else rank)
 
 
-def scaled(b: torch.Tensor, scale: float) -> torch.Tensor:
+def scale_b(b: torch.Tensor, scale: float) -> torch.Tensor:
     """B times a module's scale, computed in float32 and stored in B's dtype."""
     return (b.float() * scale).to(b.dtype)
 
@@ -77,7 +77,7 @@ def folded_lora(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         if key.endswith(".lora_B.weight"):
             module = key.removesuffix(".lora_B.weight")
             rank = state[f"{module}.lora_A.weight"].shape[0]
-            value = scaled(value, lora_scale(module, rank, config.lora_alpha, config.alpha_pattern, config.use_rslora))
+            value = scale_b(value, lora_scale(module, rank, config.lora_alpha, config.alpha_pattern, config.use_rslora))
         folded[key] = value
     unit = {"lora_alpha": config.r, "alpha_pattern": dict(config.rank_pattern), "use_rslora": False}
     return folded, {**config.to_dict(), **unit}
