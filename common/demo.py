@@ -17,7 +17,7 @@ import numpy as np
 from accelerate import PartialState
 from PIL import Image, ImageDraw
 
-from common.hub import HubUnavailable, create_hub_repo, push_outputs
+from common.hub import HubUnavailable
 from common.model_card import CARD_FILE
 from common.plots import CURVES_FILE
 from common.tiny import write_tiny
@@ -108,18 +108,12 @@ def report_demo(args: argparse.Namespace, lora_file: Path) -> None:
 
 
 def run(args: argparse.Namespace, recipe: Recipe) -> Path:
-    """A trainer's main: train as the flags say (with --demo, build the demo inputs first); with --push_to_hub,
-    create the Hub repository before any weights load and upload the outputs at the end. A Hub failure ends the
-    program with one line."""
+    """A trainer's main: train as the flags say; with --demo, build the demo inputs first. A Hub failure of
+    --push_to_hub (checked before any weights load) ends the program with one line."""
     if args.demo:
         prepare_demo(args, recipe.model)
-    main_process = PartialState().is_main_process
     try:
-        if args.push_to_hub and main_process:
-            args.hub_model_id = create_hub_repo(args)
         lora_file = train(args, recipe)
-        if args.push_to_hub and main_process:
-            print(f"pushed to {push_outputs(args.output_dir, args.hub_model_id, args.hub_token)}")
     except HubUnavailable as error:
         raise SystemExit(f"error: {error}") from None
     if args.demo:

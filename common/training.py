@@ -34,6 +34,7 @@ from common.checkpoints import resolve_resume, save_checkpoint, step_of
 from common.cli import public_config
 from common.encoders import pack_latents
 from common.flow_matching import noisy_and_target, sample_generator, sample_sigma
+from common.hub import create_hub_repo, push_outputs
 from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora, save_lora_state
 from common.loss import edit_mask_weights, masked_mse_loss
 from common.model_card import CARD_FILE, HubDescription, model_card, write_model_card
@@ -268,6 +269,8 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if args.push_to_hub and accelerator.is_main_process:  # before anything is written or loaded
+        args.hub_model_id = create_hub_repo(args)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / CONFIG_FILE).write_text(json.dumps(public_config(args), indent=2, default=str))
@@ -386,15 +389,14 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
 
             save_comfyui_lora(recipe.model, lora_file, output_dir / COMFYUI_FILE)
         logger.info(f"LoRA weights written to {lora_file}", main_process_only=True)
-        _write_card_and_curves(args, recipe, data, accelerator)
+        _finish_outputs(args, recipe, data, accelerator)
     accelerator.end_training()
     return lora_file
 
 
-def _write_card_and_curves(
-    args: argparse.Namespace, recipe: Recipe, data: TrainingData, accelerator: Accelerator
-) -> None:
-    """training_curves.png and the model card README.md next to the final LoRA (main process)."""
+def _finish_outputs(args: argparse.Namespace, recipe: Recipe, data: TrainingData, accelerator: Accelerator) -> None:
+    """training_curves.png and the model card README.md next to the final LoRA, then the --push_to_hub upload
+    (main process)."""
     output_dir = Path(args.output_dir)
     save_training_curves(output_dir / METRICS_FILE, output_dir / CURVES_FILE)
     repo_id = args.hub_model_id if args.push_to_hub else None
@@ -404,6 +406,8 @@ def _write_card_and_curves(
             f"{output_dir / CARD_FILE} was not written by this trainer: it is kept and no model card is written",
             main_process_only=True,
         )
+    if args.push_to_hub:
+        logger.info(f"pushed to {push_outputs(output_dir, repo_id, args.hub_token)}", main_process_only=True)
 
 
 def _micro_step(
