@@ -209,7 +209,7 @@ def model_card(
         step, images = validation
         lines += ["", f"## Validation images (step {step})", "", "| prompt | image |", "| --- | --- |"]
         for k, image in enumerate(images):
-            prompt = prompts[k] if k < len(prompts) else ""
+            prompt = (prompts[k] if k < len(prompts) else "").replace("|", "\\|")  # a "|" would end the cell
             lines.append(f"| {prompt} | ![{k}]({image.relative_to(output_dir).as_posix()}) |")
     references = Counter(len(shapes) - 1 for shapes in data.img_shapes)
     lines += [
