@@ -440,9 +440,14 @@ def _load_legacy(cache_dir: Path) -> datasets.Dataset:
     return _sorted_rows(dataset, meta["index"].to_numpy(), np.arange(n))
 
 
+def row_img_shapes(dataset: datasets.Dataset) -> list[list[list[int]]]:
+    """img_shapes of every row ([frames, h, w] per image, target first), from the shape column alone."""
+    return _columns(dataset, ["img_shapes"])[0].to_pylist()
+
+
 def token_counts(dataset: datasets.Dataset) -> list[int]:
     """Image tokens per row (sum over img_shapes of frames * h * w), from the shape column alone."""
-    return [sum(math.prod(shape) for shape in shapes) for shapes in _columns(dataset, ["img_shapes"])[0].to_pylist()]
+    return [sum(math.prod(shape) for shape in shapes) for shapes in row_img_shapes(dataset)]
 
 
 def _arrow_value(scalar: pa.Scalar, kind: str) -> Any:

@@ -1,6 +1,7 @@
 """Command-line flags shared by `precompute_cache.py` and the training scripts, defined once with the same names."""
 
 import argparse
+import sys
 from functools import partial
 
 from common.flow_matching import TIMESTEP_SAMPLING
@@ -8,6 +9,8 @@ from common.models import EditModel, get_model
 from common.resolution import ResolutionPolicy, parse_resolution, size_for_area
 
 CONTROL_RESOLUTIONS = ("target", "pipeline")
+SECRET_FLAGS = ("hub_token",)  # never written to files, trackers or logs
+SECRET_OPTIONS = tuple(f"--{flag}" for flag in SECRET_FLAGS)
 
 
 def add_model_args(parser: argparse.ArgumentParser, demo: bool = False) -> None:
@@ -92,6 +95,9 @@ def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, 
     out.add_argument("--validation_prompts", nargs="+", default=None, help="one prompt per validation image")
     out.add_argument("--validation_images", nargs="+", default=None, help="control image(s) of the validation set")
     out.add_argument("--validation_inference_steps", type=int, default=28)
+    out.add_argument("--push_to_hub", action="store_true", help="upload LoRA, model card and images to the Hub")
+    out.add_argument("--hub_model_id", default=None, help="Hub repository (default: the --output_dir folder name)")
+    out.add_argument("--hub_token", default=None, help="Hub token (default: the one `hf auth login` stored)")
 
     train = parser.add_argument_group("training")
     train.add_argument("--seed", type=int, default=0)
@@ -129,8 +135,20 @@ def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, 
     flow.add_argument("--demo", action="store_true", help="build a tiny model and data set under ./demo and train")
 
 
-def check_training_args(args: argparse.Namespace) -> None:
-    """Reject flag combinations that cannot work, naming the flag (called right after parsing)."""
+def public_config(args: argparse.Namespace) -> dict:
+    """The flags without secrets (`--hub_token`), for configuration files, trackers, logs and the model card."""
+    return {k: v for k, v in vars(args).items() if k not in SECRET_FLAGS}
+
+
+def check_training_args(args: argparse.Namespace, argv: list[str] | None = None) -> None:
+    """Reject flag combinations that cannot work, naming the flag (called right after parsing `argv`, None meaning
+    sys.argv[1:]); records those flags, secrets dropped, as `args.training_command` for the model card."""
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.training_command = [
+        word
+        for i, word in enumerate(given)
+        if word.split("=")[0] not in SECRET_OPTIONS and (i == 0 or given[i - 1] not in SECRET_OPTIONS)
+    ]
     if not args.demo and not args.pretrained_model_name_or_path:
         raise ValueError("--pretrained_model_name_or_path is required (or use --demo)")
     if not args.demo and not (args.dataset or args.cache_dir):
@@ -161,5 +179,5 @@ def parse_training_args(model: EditModel, description: str, argv: list[str] | No
     add_training_args(parser, model.lora_targets)
     model.add_args(parser)
     args = parser.parse_args(argv)
-    check_training_args(args)
+    check_training_args(args, argv)
     return args

@@ -12,7 +12,6 @@ same delta to ComfyUI and to diffusers' own loaders however many ranks a fused m
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -22,9 +21,9 @@ import safetensors.torch
 import torch
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft import LoraConfig
-from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
+from common.lora import lora_scale, scale_b
 from common.models import EditModel, get_model
 
 _DIFFUSERS_KEY = re.compile(r"transformer\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight")
@@ -44,7 +43,7 @@ def comfyui_state_dict(
     """
     model = get_model(model)
     scaled = {
-        module: (a, _scaled(b, _scale(module, a.shape[0], alpha, alpha_pattern or {}, use_rslora)))
+        module: (a, scale_b(b, lora_scale(module, a.shape[0], alpha, alpha_pattern or {}, use_rslora)))
         for module, (a, b) in _lora_pairs(lora_state_dict).items()
     }
     out = {}
@@ -112,16 +111,3 @@ def _lora_pairs(lora_state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[
             missing = "lora_B" if "A" in pair else "lora_A"
             raise ValueError(f"LoRA of transformer module {module!r} has no {missing} matrix")
     return {module: (pair["A"], pair["B"]) for module, pair in matrices.items()}
-
-
-def _scale(module: str, rank: int, alpha: float | None, alpha_pattern: Mapping[str, float], rslora: bool) -> float:
-    """PEFT's scale of one module: its alpha (`alpha_pattern` match, else `alpha`) over r, or sqrt(r) with rsLoRA."""
-    if alpha is None:
-        return 1.0
-    module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
-    return module_alpha / (math.sqrt(rank) if rslora else rank)
-
-
-def _scaled(b: torch.Tensor, scale: float) -> torch.Tensor:
-    """B times the module's scale, computed in float32 and stored in B's dtype."""
-    return (b.float() * scale).to(b.dtype)

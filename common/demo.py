@@ -8,18 +8,19 @@ with `from_pretrained`, the data goes through `precompute_cache.py`, and trainin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from accelerate import PartialState
 from PIL import Image, ImageDraw
 
+from common.hub import HubUnavailable
+from common.model_card import CARD_FILE
 from common.models import EditModel, get_model
+from common.plots import CURVES_FILE
 from common.tiny import write_tiny
 from common.training import METRICS_FILE, train
 
@@ -97,40 +98,26 @@ def prepare_demo(args: argparse.Namespace, model: EditModel) -> None:
             subprocess.run(command, check=True, env=env)
 
 
-def plot_metrics(metrics_file: Path, out_file: Path) -> Path:
-    """PNG of loss and padding ratio per step, from the run's metrics.jsonl."""
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in records]
-    figure, (loss_axis, pad_axis) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
-    loss_axis.plot(steps, [r["loss"] for r in records])
-    loss_axis.set_ylabel("loss")
-    pad_axis.plot(steps, [r["padding_ratio"] for r in records], color="tab:orange")
-    pad_axis.set_ylabel("padding ratio")
-    pad_axis.set_xlabel("step")
-    figure.tight_layout()
-    figure.savefig(out_file)
-    plt.close(figure)
-    return out_file
-
-
 def report_demo(args: argparse.Namespace, lora_file: Path) -> None:
-    """Plot the run and say where its outputs are (main process)."""
+    """Say where the run's outputs are (main process); the training loop wrote them."""
     if not PartialState().is_main_process:
         return
     output_dir = Path(args.output_dir)
-    plot = plot_metrics(output_dir / METRICS_FILE, output_dir / "training_curves.png")
-    metrics = output_dir / METRICS_FILE
-    print(f"demo finished:\n  LoRA weights: {lora_file}\n  loss / padding plot: {plot}\n  metrics: {metrics}")
+    print(
+        f"demo finished:\n  LoRA weights: {lora_file}\n  training curves: {output_dir / CURVES_FILE}\n"
+        f"  model card: {output_dir / CARD_FILE}\n  metrics: {output_dir / METRICS_FILE}"
+    )
 
 
 def run(args: argparse.Namespace, model: EditModel) -> Path:
-    """A trainer's main: train as the flags say; with --demo, build the demo inputs first and plot afterwards."""
+    """A trainer's main: train as the flags say; with --demo, build the demo inputs first. A Hub failure of
+    --push_to_hub (checked before any weights load) ends the program with one line."""
     if args.demo:
         prepare_demo(args, model)
-    lora_file = train(args, model)
+    try:
+        lora_file = train(args, model)
+    except HubUnavailable as error:
+        raise SystemExit(f"error: {error}") from None
     if args.demo:
         report_demo(args, lora_file)
     return lora_file

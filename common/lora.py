@@ -1,22 +1,33 @@
-"""LoRA adapters on the stock transformer: add, save in the pipelines' own format, load back for resume."""
+"""LoRA adapters on the stock transformer: add, save in the pipelines' own format, load back for resume.
+
+Every `pytorch_lora_weights.safetensors` written here (the result and each checkpoint's copy) has each module's PEFT
+scale (`lora_alpha / r`) folded into its B matrix and says `lora_alpha = r` in its metadata: diffusers then applies
+B @ A at scale 1, and so does ComfyUI, which ignores that metadata. The adapter as trained (unfolded, float32) goes
+to `lora_training_state.safetensors` in checkpoints, which resume reads, so resuming stays bitwise exact.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.training_utils import _collate_lora_metadata, cast_training_params
+from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils.other import get_pattern_key
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.attention import base_model
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 COMFYUI_FILE = "pytorch_lora_weights_comfyui.safetensors"
+STATE_FILE = "lora_training_state.safetensors"  # in checkpoints: the adapter's parameters as trained
 
 
 def add_lora(
@@ -44,26 +55,60 @@ def add_lora(
     return params
 
 
+def lora_scale(module: str, rank: int, alpha: float | None, alpha_pattern: Mapping[str, float], rslora: bool) -> float:
+    """PEFT's scale of one module: its alpha (`alpha_pattern` match, else `alpha`) over r, or sqrt(r) with rsLoRA."""
+    if alpha is None:
+        return 1.0
+    module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
+    return module_alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def scale_b(b: torch.Tensor, scale: float) -> torch.Tensor:
+    """B times a module's scale, computed in float32 and stored in B's dtype."""
+    return (b.float() * scale).to(b.dtype)
+
+
+def folded_lora(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """The adapter's state dict with every module's scale folded into its B, and its config at scale 1 (alpha = r)."""
+    config = model.peft_config["default"]
+    state = get_peft_model_state_dict(model)
+    folded = {}
+    for key, value in state.items():
+        if key.endswith(".lora_B.weight"):
+            module = key.removesuffix(".lora_B.weight")
+            rank = state[f"{module}.lora_A.weight"].shape[0]
+            value = scale_b(value, lora_scale(module, rank, config.lora_alpha, config.alpha_pattern, config.use_rslora))
+        folded[key] = value
+    unit = {"lora_alpha": config.r, "alpha_pattern": dict(config.rank_pattern), "use_rslora": False}
+    return folded, {**config.to_dict(), **unit}
+
+
 def save_lora(pipeline_class: type[DiffusionPipeline], transformer: nn.Module, directory: str | os.PathLike) -> Path:
     """Write `pytorch_lora_weights.safetensors` with the pipeline's `save_lora_weights` (diffusers keys, adapter
-    config in the metadata), through a temporary folder and a rename so a crash never leaves half a file."""
-    model = base_model(transformer)
+    config in the metadata), scales folded into B (module doc), through a temporary folder and a rename so a crash
+    never leaves half a file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    metadata = _collate_lora_metadata({"transformer": model})
+    state, config = folded_lora(base_model(transformer))
     with tempfile.TemporaryDirectory(dir=directory, prefix=".lora-") as tmp:
-        pipeline_class.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(model), **metadata)
+        pipeline_class.save_lora_weights(tmp, transformer_lora_layers=state, transformer_lora_adapter_metadata=config)
         os.replace(Path(tmp) / LORA_FILE, directory / LORA_FILE)
     return directory / LORA_FILE
 
 
-def load_lora(pipeline_class: type[DiffusionPipeline], transformer: nn.Module, directory: str | os.PathLike) -> None:
-    """Load weights written by `save_lora` into the adapter of `transformer` (exact copy, for resume)."""
-    state = pipeline_class.lora_state_dict(str(directory))
-    state = state[0] if isinstance(state, tuple) else state
-    prefix = "transformer."
-    state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    incompatible = set_peft_model_state_dict(base_model(transformer), state, adapter_name="default")
+def save_lora_state(transformer: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the adapter's parameters as trained (no folding) to `lora_training_state.safetensors`, for resume."""
+    path = Path(directory) / STATE_FILE
+    save_file(get_peft_model_state_dict(base_model(transformer)), path)
+    return path
+
+
+def load_lora(transformer: nn.Module, directory: str | os.PathLike) -> None:
+    """Load the parameters `save_lora_state` wrote into the adapter of `transformer` (exact copy, for resume)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} holds no {STATE_FILE}: not a checkpoint of this trainer's version")
+    incompatible = set_peft_model_state_dict(base_model(transformer), load_file(path), adapter_name="default")
     unexpected = getattr(incompatible, "unexpected_keys", None)
     if unexpected:
         raise ValueError(f"LoRA weights in {directory} do not fit this adapter: unexpected keys {unexpected[:5]}")

@@ -31,12 +31,16 @@ from tqdm.auto import tqdm
 
 from common.batch import NoisyBatch, pack_latents
 from common.checkpoints import resolve_resume, save_checkpoint, step_of
+from common.cli import public_config
 from common.comfyui import save_comfyui_lora
 from common.flow_matching import noisy_and_target, sample_generator, sample_sigma
-from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora
+from common.hub import create_hub_repo, push_outputs
+from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora, save_lora_state
 from common.loss import edit_mask_weights, masked_mse_loss
+from common.model_card import CARD_FILE, model_card, write_model_card
 from common.models import EditModel
 from common.padding import pad_sequences, padding_ratio
+from common.plots import CURVES_FILE, save_training_curves
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, collate_ragged
 from common.training_data import TrainingData, open_training_data
 from common.validation import Validation
@@ -217,16 +221,19 @@ class _Metrics:
         self.bar.set_postfix(loss=f"{values['loss']:.4f}", pad=f"{values['padding_ratio']:.0%}")
 
 
-def _register_lora_hooks(accelerator: Accelerator, model: EditModel) -> None:
-    """Checkpoints hold the LoRA weights in the pipeline's format instead of the whole transformer."""
+def _register_lora_hooks(accelerator: Accelerator, model: EditModel, metrics_file: Path) -> None:
+    """Checkpoints hold the LoRA (in the pipeline's format, and as trained for resume) instead of the whole
+    transformer, and the training curves so far."""
 
     def save_hook(models: list[nn.Module], weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
             save_lora(model.pipeline_class, models[0], output_dir)
+            save_lora_state(models[0], output_dir)
+            save_training_curves(metrics_file, Path(output_dir) / CURVES_FILE)
         weights.clear()
 
     def load_hook(models: list[nn.Module], input_dir: str) -> None:
-        load_lora(model.pipeline_class, models.pop(), input_dir)
+        load_lora(models.pop(), input_dir)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -240,10 +247,12 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    if args.push_to_hub and accelerator.is_main_process:  # before anything is written or loaded
+        args.hub_model_id = create_hub_repo(args)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / CONFIG_FILE).write_text(json.dumps(vars(args), indent=2, default=str))
-        logger.info(f"configuration: {json.dumps(vars(args), default=str)}", main_process_only=True)
+        (output_dir / CONFIG_FILE).write_text(json.dumps(public_config(args), indent=2, default=str))
+        logger.info(f"configuration: {json.dumps(public_config(args), default=str)}", main_process_only=True)
     set_seed(args.seed)
     weight_dtype = _weight_dtype(accelerator)
 
@@ -293,14 +302,14 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
-    _register_lora_hooks(accelerator, model)
+    _register_lora_hooks(accelerator, model, output_dir / METRICS_FILE)
     resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume is not None:
         accelerator.load_state(str(resume))
         logger.info(f"resumed from {resume} at step {step_of(resume)}", main_process_only=True)
     if accelerator.is_main_process and accelerator.log_with:
         # Trackers take scalars; lists (target modules, resolutions) are logged as their text.
-        config = {k: str(v) if isinstance(v, list | tuple) else v for k, v in vars(args).items()}
+        config = {k: str(v) if isinstance(v, list | tuple) else v for k, v in public_config(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config=config)
 
     metrics = _Metrics(accelerator, args, state.step)
@@ -354,8 +363,25 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
         if args.export_comfyui:
             save_comfyui_lora(model, lora_file, output_dir / COMFYUI_FILE)
         logger.info(f"LoRA weights written to {lora_file}", main_process_only=True)
+        _finish_outputs(args, model, data, accelerator)
     accelerator.end_training()
     return lora_file
+
+
+def _finish_outputs(args: argparse.Namespace, model: EditModel, data: TrainingData, accelerator: Accelerator) -> None:
+    """training_curves.png and the model card README.md next to the final LoRA, then the --push_to_hub upload
+    (main process)."""
+    output_dir = Path(args.output_dir)
+    save_training_curves(output_dir / METRICS_FILE, output_dir / CURVES_FILE)
+    repo_id = args.hub_model_id if args.push_to_hub else None
+    card = model_card(args, model, data, accelerator.num_processes, accelerator.mixed_precision, repo_id)
+    if write_model_card(output_dir, card) is None:
+        logger.warning(
+            f"{output_dir / CARD_FILE} was not written by this trainer: it is kept and no model card is written",
+            main_process_only=True,
+        )
+    if args.push_to_hub:
+        logger.info(f"pushed to {push_outputs(output_dir, repo_id, args.hub_token)}", main_process_only=True)
 
 
 def _micro_step(

@@ -22,7 +22,7 @@ import json
 import math
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from common.cache import (
     CacheNotFinished,
     cache_info,
     load_cache,
+    row_img_shapes,
     stored_row,
     token_counts,
     unflatten_row,
@@ -56,6 +57,8 @@ class TrainingData:
     # models whose prompt does not see the images: the embeddings of "" (caption dropout); else None (per row)
     empty_prompt: dict[str, torch.Tensor] | None
     cached: bool
+    img_shapes: list[list[list[int]]] = field(default_factory=list)  # per item, target first (the card's size mix)
+    captions: list[str | None] | None = None  # the rows' prompts where the rows were read (--dataset), for the card
 
 
 class EncodedRows(torch.utils.data.Dataset):
@@ -87,9 +90,9 @@ def _read(args: argparse.Namespace) -> list[EditRow]:
     )
 
 
-def _tokens(sample: PreparedSample) -> int:
-    """Image tokens of a prepared sample: its target's and every control's latent token grid."""
-    return sum(math.prod(token_grid(*image.shape[1:])) for image in [sample.target, *sample.controls])
+def _img_shapes(sample: PreparedSample) -> list[list[int]]:
+    """Packed token grids [1, h, w] of a prepared sample's target and controls, as its encoded row's img_shapes."""
+    return [[1, *token_grid(*image.shape[1:])] for image in [sample.target, *sample.controls]]
 
 
 def text_length(args: argparse.Namespace, model: EditModel) -> int | None:
@@ -169,7 +172,10 @@ def _open_cached(args: argparse.Namespace, model: EditModel) -> TrainingData:
         if name is None:
             raise ValueError(f"cache at {args.cache_dir} holds no empty-prompt embedding: rebuild it (--rebuild_cache)")
         empty_prompt = load_file(Path(args.cache_dir) / name)
-    return TrainingData(CachedRows(dataset), token_counts(dataset), empty_prompt, cached=True)
+    captions = [row.prompt for row in rows] if rows is not None else None
+    return TrainingData(
+        CachedRows(dataset), token_counts(dataset), empty_prompt, True, row_img_shapes(dataset), captions
+    )
 
 
 def encoders_for(args: argparse.Namespace, model: EditModel, device: torch.device, dtype: torch.dtype) -> Encoders:
@@ -190,9 +196,9 @@ def _open_uncached(
     """Rows of --dataset, validated now and encoded on access by `model`'s encoders on device/dtype."""
     policy = resolution_policy(args, model)
 
-    def check(row: EditRow) -> tuple[EditRow, int]:
-        """The row and its token count, if it prepares; the decoded images are dropped right away."""
-        return row, _tokens(prepare_sample(row, model, policy))
+    def check(row: EditRow) -> tuple[EditRow, list[list[int]]]:
+        """The row and its token grids, if it prepares; the decoded images are dropped right away."""
+        return row, _img_shapes(prepare_sample(row, model, policy))
 
     checked, skipped = prepare_all(_read(args), check, skip_bad_samples=args.skip_bad_samples)
     if skipped:
@@ -201,8 +207,10 @@ def _open_uncached(
         raise ValueError(f"dataset {args.dataset!r}: no usable rows")
     encoders = encoders_for(args, model, device, dtype)
     empty_prompt = None if model.prompt_sees_images else encoders.encode_prompt("")
-    rows = [row for row, _ in checked]
-    return TrainingData(EncodedRows(rows, model, policy, encoders), [n for _, n in checked], empty_prompt, cached=False)
+    rows, shapes = [row for row, _ in checked], [grids for _, grids in checked]
+    lengths = [sum(math.prod(grid) for grid in grids) for grids in shapes]
+    dataset = EncodedRows(rows, model, policy, encoders)
+    return TrainingData(dataset, lengths, empty_prompt, False, shapes, [row.prompt for row in rows])
 
 
 def open_training_data(

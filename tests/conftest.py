@@ -104,9 +104,13 @@ def kit(request, tmp_path_factory, tiny_checkpoint):
 
 @pytest.fixture(scope="class")
 def cached_run(request, kit):
-    """A short cached training run of the class's trainer: (output folder, LoRA file)."""
+    """A short cached training run of the class's trainer, validated at its last step: (output folder, LoRA file)."""
     import trainer_harness as h
 
     out = kit["root"] / "cached"
-    argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *h.train_flags(out, "--export_comfyui")]
+    validation = [
+        "--validation_steps", "4", "--validation_prompts", h.VALIDATION_PROMPT, "--validation_images",
+        str(kit["root"] / "data" / "000_control.png"), "--validation_inference_steps", "2",
+    ]  # fmt: skip
+    argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *h.train_flags(out, "--export_comfyui", *validation)]
     return out, h.train_inprocess(request.cls.MODEL, argv)

@@ -29,6 +29,8 @@ def test_demo_trains_and_plots(model, tmp_path):
     assert max(r["padding_ratio"] for r in records) > 0, "the demo batches must mix sizes"
     with Image.open(out / "training_curves.png") as plot:
         assert plot.size[0] > 300 and plot.size[1] > 300
+    assert f"model card: {out / 'README.md'}" in result.stdout
+    assert "32 samples;" in (out / "README.md").read_text()
 
 
 def test_demo_data_mixes_sizes_and_reference_counts(tmp_path):

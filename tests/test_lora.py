@@ -1,9 +1,17 @@
-"""common.lora: adapters that train, exclusions DDP needs, and an exact save/load round trip."""
+"""common.lora: adapters that train, exclusions DDP needs, an exact resume round trip, and saved files that every
+loader applies alike whatever --lora_alpha is."""
 
+import json
+
+import pytest
 import torch
 from diffusers import QwenImageEditPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from common.lora import add_lora, load_lora, save_lora
+from common.lora import STATE_FILE, add_lora, load_lora, save_lora, save_lora_state
+from common.models import get_model
+from common.models.flux_kontext import LORA_TARGETS as FLUX_TARGETS
 from common.models.qwen_edit import LORA_TARGETS, unused_modules
 from common.tiny import tiny_transformer
 
@@ -33,16 +41,80 @@ def test_qwen_unused_text_outputs_of_the_last_block_get_no_adapter():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in transformer.parameters() if p.requires_grad)
 
 
-def test_save_and_load_round_trip_exactly(tmp_path):
+def test_checkpoint_state_round_trips_exactly(tmp_path):
     source, target = tiny_transformer("qwen_edit", seed=0), tiny_transformer("qwen_edit", seed=0)
     for model in (source, target):
-        add_lora(model, 4, 8.0, ["to_q", "to_v"])
+        add_lora(model, 4, 3.0, ["to_q", "to_v"])  # scale 0.75: folding it into B would not round-trip bitwise
     with torch.no_grad():
         for param in source.parameters():
             if param.requires_grad:
                 param.normal_()
     path = save_lora(QwenImageEditPipeline, source, tmp_path)
     assert path.name == "pytorch_lora_weights.safetensors" and not list(tmp_path.glob(".lora-*"))
-    load_lora(QwenImageEditPipeline, target, tmp_path)
+    assert save_lora_state(source, tmp_path).name == STATE_FILE
+    load_lora(target, tmp_path)
     theirs = dict(target.named_parameters())
     assert all(torch.equal(p, theirs[n]) for n, p in source.named_parameters() if p.requires_grad)
+
+
+def test_load_lora_names_a_checkpoint_without_state(tmp_path):
+    with pytest.raises(FileNotFoundError, match=STATE_FILE):
+        load_lora(tiny_transformer("qwen_edit"), tmp_path)
+
+
+def linear_weights(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Weights of every linear layer by module name, as plain tensors (PEFT-wrapped layers by their base layer)."""
+    return {
+        name.removesuffix(".base_layer"): module.weight.detach().clone()
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and ".lora_" not in name
+    }
+
+
+@pytest.mark.parametrize(
+    ("model", "targets"), [("flux_kontext", list(FLUX_TARGETS)), ("qwen_edit", list(LORA_TARGETS))]
+)
+@pytest.mark.parametrize("alpha", [6.0, 3.0])
+def test_saved_lora_applies_the_same_delta_with_or_without_its_metadata(
+    tiny_checkpoint, tmp_path, model, targets, alpha
+):
+    """diffusers (reads lora_alpha from the metadata) and a loader that ignores it, as ComfyUI does for keys without
+    `.alpha` (W + B @ A), fuse identical weights, equal to the adapter's trained delta alpha / r * B @ A."""
+    path = tiny_checkpoint(model)
+    pipeline = get_model(model).pipeline_class
+    trained = pipeline.from_pretrained(path).transformer
+    add_lora(trained, 4, alpha, targets)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    lora_file = save_lora(pipeline, trained, tmp_path)
+    with safe_open(lora_file, framework="pt") as f:
+        metadata = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert metadata["transformer.lora_alpha"] == metadata["transformer.r"] == 4
+
+    pipe = pipeline.from_pretrained(path)
+    pipe.load_lora_weights(tmp_path)
+    pipe.fuse_lora()
+    fused_by_diffusers = linear_weights(pipe.transformer)
+
+    plain = pipeline.from_pretrained(path).transformer
+    original = linear_weights(plain)
+    tensors = load_file(lora_file)
+    modules = {key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in tensors}
+    linears = dict(plain.named_modules())
+    with torch.no_grad():
+        for module in modules:
+            a, b = tensors[f"transformer.{module}.lora_A.weight"], tensors[f"transformer.{module}.lora_B.weight"]
+            linears[module].weight += b @ a
+    fused_plainly = linear_weights(plain)
+
+    assert fused_by_diffusers.keys() == fused_plainly.keys()
+    assert all(torch.equal(fused_by_diffusers[n], fused_plainly[n]) for n in fused_plainly)
+    layers = dict(trained.named_modules())
+    for module in modules:
+        expected = layers[module].get_delta_weight("default")  # alpha / r * B @ A of the adapter as trained
+        delta = fused_plainly[module] - original[module]
+        assert (delta - expected).abs().max() <= 1e-6 * expected.abs().max(), module
+    assert len(modules) > 10

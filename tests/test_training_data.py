@@ -81,6 +81,10 @@ def test_uncached_items_equal_cached_items(tmp_path, tiny_checkpoint, model, con
     n = len(controls)
     assert len(from_cache.dataset) == len(settings_only.dataset) == len(uncached.dataset) == n
     assert uncached.lengths == from_cache.lengths == token_counts(load_cache(tmp_path / "cache"))
+    assert uncached.img_shapes == from_cache.img_shapes == settings_only.img_shapes  # the model card's size mix
+    assert [len(shapes) - 1 for shapes in uncached.img_shapes] == controls
+    assert uncached.captions == from_cache.captions and len(uncached.captions) == n and all(uncached.captions)
+    assert settings_only.captions is None  # the cache alone holds no caption text
     keys = ITEM_KEYS | ({"pooled_prompt_embeds"} if model == "flux_kontext" else {"empty_prompt_embeds"})
     items = [uncached.dataset[i] for i in range(n)]  # each access encodes anew
     for i, item in enumerate(items):

@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +16,18 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+from huggingface_hub import ModelCard
+from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import precompute_cache
 from common.demo import write_dataset
-from common.lora import COMFYUI_FILE, LORA_FILE
+from common.lora import COMFYUI_FILE, LORA_FILE, STATE_FILE
+from common.model_card import CARD_FILE, SNIPPET_STEPS
+from common.models import get_model
+from common.plots import CURVES_FILE
 from common.training import METRICS_FILE, TrainingDiverged
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +42,7 @@ PIPELINES = {
     "qwen_edit_plus": QwenImageEditPlusPipeline,
 }
 RESOLUTIONS = ["64*64", "128*128", "192*192"]
+VALIDATION_PROMPT = "make the first shape red"
 # One thread and no tokenizer threads: CPU results are then bitwise reproducible across processes.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 
@@ -63,7 +72,7 @@ def train_flags(out: Path, *extra: str) -> list[str]:
     """A short tiny run: 4 steps of 3 samples, checkpoints every 2 steps, no tracker."""
     return [
         "--output_dir", str(out), "--train_batch_size", "3", "--max_train_steps", "4", "--checkpointing_steps", "2",
-        "--learning_rate", "1e-3", "--rank", "4", "--report_to", "none", "--seed", "7", *extra,
+        "--learning_rate", "1e-3", "--rank", "4", "--lora_alpha", "6", "--report_to", "none", "--seed", "7", *extra,
     ]  # fmt: skip
 
 
@@ -159,6 +168,33 @@ def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: P
     assert saved and all(k.startswith("transformer.") for k in saved)
 
 
+def check_folded_lora(lora_file: Path, checkpoint: Path) -> None:
+    """The saved LoRA is the trained adapter (the checkpoint's state) with B scaled by alpha / rank = 6 / 4, and says
+    lora_alpha = rank, so loaders that ignore the metadata apply the same delta; the checkpoint's copy is the same."""
+    with safe_open(lora_file, framework="pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert meta["transformer.lora_alpha"] == meta["transformer.r"] == 4
+    saved, trained = lora(lora_file), lora(checkpoint / STATE_FILE)
+    assert lora(checkpoint / LORA_FILE).keys() == saved.keys() == {f"transformer.{k}" for k in trained}
+    for key, value in trained.items():
+        expected = value * 1.5 if ".lora_B." in key else value
+        assert torch.equal(saved[f"transformer.{key}"], expected), key
+        assert torch.equal(lora(checkpoint / LORA_FILE)[f"transformer.{key}"], expected), key
+
+
+def small(model: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Keyword arguments (and, for Qwen, the pipelines' 1-MP input sizing made 64x64) that keep a stock pipeline call
+    at 64x64 pixels: the pipelines otherwise resize every input to about 1 MP, seconds per VAE pass on CPU."""
+    if model == "flux_kontext":
+        return "height=64, width=64, max_area=64 * 64, _auto_resize=False"
+    if model == "qwen_edit":
+        original = pipeline_qwenimage_edit.calculate_dimensions
+        monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda _, ratio: original(64 * 64, ratio))
+    else:
+        monkeypatch.setattr(pipeline_qwenimage_edit_plus, "VAE_IMAGE_SIZE", 64 * 64)
+    return "height=64, width=64"
+
+
 def kill_after_first_checkpoint(model: str, argv: list[str], out: Path) -> None:
     """Start a run, SIGKILL it as soon as its first checkpoint is complete, and check it was cut short."""
     env = {**ENV, "PYTHONPATH": str(ROOT)}
@@ -195,6 +231,35 @@ class TrainerCases:
         assert (out / "checkpoint-2").is_dir() and (out / "checkpoint-4").is_dir()
         assert (out / COMFYUI_FILE).is_file()
         check_lora_changes_pipeline_output(self.MODEL, kit["checkpoint"], out)
+        check_folded_lora(out / LORA_FILE, out / "checkpoint-4")
+        for folder in (out, out / "checkpoint-2", out / "checkpoint-4"):  # the panels: tests/test_plots.py
+            with Image.open(folder / CURVES_FILE) as plot:
+                assert plot.format == "PNG" and plot.size == (800, 900), folder
+        halfway, final = (Image.open(f / CURVES_FILE).convert("RGB") for f in (out / "checkpoint-2", out))
+        assert halfway.tobytes() != final.tobytes(), "a checkpoint's curves stop at its step"
+
+    def test_model_card_holds_the_run_and_its_snippet_runs(self, kit, cached_run, tmp_path, monkeypatch):
+        out, _ = cached_run
+        card = ModelCard.load(out / CARD_FILE)
+        base = get_model(self.MODEL).hub.repo_id  # the tiny checkpoint is a local folder
+        assert card.data.base_model == base and card.data.library_name == "diffusers"
+        assert {"lora", "diffusers"} <= set(card.data.tags) and card.data.license
+        assert card.data.widget == [{"text": VALIDATION_PROMPT, "output": {"url": "validation/step-4/0.png"}}]
+        assert f"{len(list((kit['root'] / 'data').glob('[0-9][0-9][0-9].png')))} samples;" in card.text
+        assert "| 192×192 |" in card.text and "| share |" in card.text
+        assert "![0](validation/step-4/0.png)" in card.text
+        code = card.text.split("```python\n")[1].split("```")[0]
+        assert f"pipe.load_lora_weights({str(out.resolve())!r})" in code
+        # The snippet as printed, with the tiny checkpoint for the model id, at 64x64 for 2 steps on CPU.
+        code = code.replace(repr(base), repr(str(kit["checkpoint"]))).replace("torch.bfloat16", "torch.float32")
+        code = code.replace(
+            f"num_inference_steps={SNIPPET_STEPS}", f"num_inference_steps=2, {small(self.MODEL, monkeypatch)}"
+        )
+        shutil.copy(kit["root"] / "data" / "000_control.png", tmp_path / "input.png")
+        monkeypatch.chdir(tmp_path)
+        exec(compile(code, "model card snippet", "exec"), {})
+        with Image.open(tmp_path / "edited.png") as edited:
+            assert edited.size == (64, 64)
 
     def test_uncached_run_equals_cached_run(self, kit, cached_run, tmp_path):
         lora_file = train_inprocess(self.MODEL, [*kit["flags"], *train_flags(tmp_path, "--export_comfyui")])

@@ -63,6 +63,17 @@ def unpacked_noise(generator: torch.Generator, channels: int, rows: int, cols: i
     return pack_latents(torch.randn((channels, 2 * rows, 2 * cols), generator=generator, dtype=dtype))
 
 
+@dataclass(frozen=True)
+class HubDescription:
+    """What the Hub should know about a model: its official repository, tags and licence (for the model card)."""
+
+    repo_id: str
+    tags: tuple[str, ...]
+    license: str | None = None
+    license_name: str | None = None  # for licences the Hub does not name ("other")
+    license_link: str | None = None
+
+
 @dataclass(frozen=True, eq=False)
 class EditModel:
     """One edit model as the trainer sees it; see the module doc. Functions are plain callables so a model module
@@ -109,6 +120,8 @@ class EditModel:
     tiny_transformer_config: Mapping[str, Any] | None = None
     tiny_components: Callable[[int], dict[str, Any]] | None = None  # seed -> every component but the transformer
     demo_controls_per_row: tuple[int, ...] = (1,)  # controls of demo row i: entry i % len
+    hub: HubDescription | None = None  # the model card's base model, tags and licence
+    script: str = "train.py"  # the trainer script of this model, as the model card's command names it
     # A model whose data this one encodes identically (same pipeline, same sizes), so its caches serve both.
     shares_data_with: str | None = None
 

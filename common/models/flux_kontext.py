@@ -19,7 +19,7 @@ from common import flux
 from common.attention import base_model
 from common.batch import NoisyBatch
 from common.flux_comfyui import bfl_lora_pairs
-from common.models.base import EditModel
+from common.models.base import EditModel, HubDescription
 from common.tiny_components import FLUX_TRANSFORMER, flux_components
 
 # `multiple_of = vae_scale_factor * 2` in FluxKontextPipeline.__call__ (8x VAE, 2x2 packing).
@@ -133,6 +133,14 @@ FLUX_KONTEXT = EditModel(
     predict=predict,
     add_args=add_args,
     comfyui_keys=bfl_lora_pairs,
+    hub=HubDescription(
+        "black-forest-labs/FLUX.1-Kontext-dev",
+        ("flux", "flux-kontext", "image-editing"),
+        license="other",
+        license_name="flux-1-dev-non-commercial-license",
+        license_link="https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev/blob/main/LICENSE.md",
+    ),
+    script="train_flux_kontext.py",
     tiny_transformer_config=FLUX_TRANSFORMER,
     tiny_components=flux_components,
 )

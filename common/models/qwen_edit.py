@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from common import qwen
 from common.batch import NoisyBatch
-from common.models.base import EditModel
+from common.models.base import EditModel, HubDescription
 from common.resolution import size_for_area
 from common.tiny_components import QWEN_TRANSFORMER, qwen_components
 
@@ -151,6 +151,10 @@ QWEN_EDIT = EditModel(
     unused_modules=unused_modules,
     tiny_transformer_config=QWEN_TRANSFORMER,
     tiny_components=qwen_components,
+    hub=HubDescription(
+        "Qwen/Qwen-Image-Edit", ("qwen-image", "qwen-image-edit", "image-editing"), license="apache-2.0"
+    ),
+    script="train_qwen_edit.py",
 )
 
 QWEN_EDIT_PLUS = dataclasses.replace(
@@ -163,6 +167,12 @@ QWEN_EDIT_PLUS = dataclasses.replace(
     condition_size=plus_condition_size,
     encode_prompt=encode_prompt_plus,
     demo_controls_per_row=(1, 2, 1, 0),
+    hub=HubDescription(
+        "Qwen/Qwen-Image-Edit-2509",
+        ("qwen-image", "qwen-image-edit", "qwen-image-edit-plus", "image-editing"),
+        license="apache-2.0",
+    ),
+    script="train_qwen_edit_plus.py",
 )
 
 QWEN_EDIT_2511 = dataclasses.replace(
@@ -170,5 +180,6 @@ QWEN_EDIT_2511 = dataclasses.replace(
     name="qwen_edit_2511",
     title="Qwen-Image-Edit-2511",
     tiny_transformer_config={**QWEN_TRANSFORMER, "zero_cond_t": True},
+    hub=dataclasses.replace(QWEN_EDIT_PLUS.hub, repo_id="Qwen/Qwen-Image-Edit-2511"),
     shares_data_with=QWEN_EDIT_PLUS.name,  # same pipeline, same encoded data: Edit-Plus caches serve it
 )
