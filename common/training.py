@@ -316,21 +316,8 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     batches = micro_batches(loader, state)
     while state.step < args.max_train_steps:
         started = time.perf_counter()
-        totals = {"loss": 0.0, "tokens": 0.0, "padding_ratio": 0.0}
-        # The step's micro-batches are fetched first so the loss can be normalised by the target tokens of all of
-        # them on all ranks: accumulating k micro-batches then equals one k times larger batch.
         step_batches = [next(batches) for _ in range(args.gradient_accumulation_steps)]
-        target_tokens = sum(prod(shapes[0]) for _, batch in step_batches for shapes in batch["img_shapes"])
-        global_target_tokens = accelerator.reduce(torch.tensor(float(target_tokens), device=accelerator.device))
-        for micro, (epoch, batch) in enumerate(step_batches):
-            last = micro == args.gradient_accumulation_steps - 1
-            with nullcontext() if last else accelerator.no_sync(transformer):
-                loss, stats = _micro_step(
-                    accelerator, transformer, model, args, scheduler, data, batch, epoch, state, global_target_tokens
-                )
-                accelerator.backward(loss)
-            for key in totals:
-                totals[key] += stats[key] / (args.gradient_accumulation_steps if key == "padding_ratio" else 1)
+        totals = accumulate_step(accelerator, transformer, model, args, scheduler, data, step_batches, state)
         grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
@@ -382,6 +369,42 @@ def _finish_outputs(args: argparse.Namespace, model: EditModel, data: TrainingDa
         )
     if args.push_to_hub:
         logger.info(f"pushed to {push_outputs(output_dir, repo_id, args.hub_token)}", main_process_only=True)
+
+
+def target_token_count(step_batches: list[tuple[int, dict]]) -> int:
+    """Target tokens of all (epoch, batch) micro-batches of a step, references and text excluded: the loss's
+    denominator on this rank."""
+    return sum(prod(shapes[0]) for _, batch in step_batches for shapes in batch["img_shapes"])
+
+
+def accumulate_step(
+    accelerator: Accelerator,
+    transformer: nn.Module,
+    model: EditModel,
+    args: argparse.Namespace,
+    scheduler: FlowMatchEulerDiscreteScheduler,
+    data: TrainingData,
+    step_batches: list[tuple[int, dict]],
+    state: TrainState,
+) -> dict[str, float]:
+    """Forward and backward of one optimizer step's micro-batches (gradients synchronised on the last); returns the
+    logged loss, real tokens and padding ratio of the step.
+
+    The loss is normalised by the target tokens of all the step's micro-batches on all ranks (fetched before the
+    first forward), so accumulating k micro-batches equals one k times larger batch, whatever their sizes."""
+    totals = {"loss": 0.0, "tokens": 0.0, "padding_ratio": 0.0}
+    count = torch.tensor(float(target_token_count(step_batches)), device=accelerator.device)
+    global_target_tokens = accelerator.reduce(count)
+    for micro, (epoch, batch) in enumerate(step_batches):
+        last = micro == len(step_batches) - 1
+        with nullcontext() if last else accelerator.no_sync(transformer):
+            loss, stats = _micro_step(
+                accelerator, transformer, model, args, scheduler, data, batch, epoch, state, global_target_tokens
+            )
+            accelerator.backward(loss)
+        for key in totals:
+            totals[key] += stats[key] / (len(step_batches) if key == "padding_ratio" else 1)
+    return totals
 
 
 def _micro_step(

@@ -4,11 +4,15 @@ import argparse
 
 import pytest
 import torch
+from accelerate import Accelerator
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch.utils.data import DataLoader
 
+from common.lora import add_lora
+from common.models.flux_kontext import FLUX_KONTEXT
 from common.sampler import RandomBatchSampler, collate_ragged
-from common.training import TrainState, make_noisy_batch, micro_batches
+from common.tiny import tiny_transformer
+from common.training import TrainState, accumulate_step, make_noisy_batch, micro_batches, target_token_count
 from common.training_data import TrainingData
 
 
@@ -119,25 +123,28 @@ def test_micro_batches_resume_where_the_state_says():
     assert [next(resumed)[1]["index"] for _ in range(4)] == [b["index"] for _, b in full[5:9]]
 
 
-def flux_rows():
-    """Collated FLUX-style rows (pooled CLIP embedding per row) with targets of 2x2, 16x12 and 3x2 tokens and
-    references of other sizes than their targets, so the batch's largest sample is neither the first nor the last."""
+def flux_items(channels=4, text_dim=8, pooled_dim=6):
+    """FLUX-style rows (pooled CLIP embedding per row) with targets of 2x2, 16x12 and 3x2 tokens and references of
+    other sizes than their targets, so the batch's largest sample is neither the first nor the last."""
     g = torch.Generator().manual_seed(1)
-    latents = lambda h, w: torch.randn(4, 2 * h, 2 * w, generator=g)  # noqa: E731
+    latents = lambda h, w: torch.randn(channels, 2 * h, 2 * w, generator=g)  # noqa: E731
     grids = [((2, 2), [(3, 1)]), ((16, 12), [(2, 5)]), ((3, 2), [])]
-    items = [
+    return [
         dict(
             index=index,
             sample_id=str(index),
             target_latents=latents(*target),
             control_latents=[latents(*r) for r in refs],
-            prompt_embeds=torch.randn(5, 8, generator=g),
-            pooled_prompt_embeds=torch.randn(6, generator=g),
+            prompt_embeds=torch.randn(5, text_dim, generator=g),
+            pooled_prompt_embeds=torch.randn(pooled_dim, generator=g),
             img_shapes=[[1, *target], *([1, *r] for r in refs)],
         )
         for index, (target, refs) in zip((4, 11, 7), grids, strict=True)
     ]
-    return collate_ragged(items)
+
+
+def flux_rows():
+    return collate_ragged(flux_items())
 
 
 def flux_empty_prompt():
@@ -169,3 +176,58 @@ def test_every_sample_draws_alike_alone_and_in_a_mixed_batch(scheduler, sampling
         alone = flux_noisy({k: v[i : i + 1] for k, v in batch.items()}, scheduler, timestep_sampling=sampling)
         assert alone.sigmas[0] == both.sigmas[i], f"sample {i}"
         assert torch.equal(alone.noisy[0], both.noisy[i]), f"sample {i}"
+
+
+def test_the_step_loss_denominator_counts_target_tokens_only():
+    items = flux_items()
+    step = [(0, collate_ragged(items[:2])), (0, collate_ragged(items[2:]))]
+    assert target_token_count(step) == 2 * 2 + 16 * 12 + 3 * 2  # references (3 + 10 tokens) and text excluded
+
+
+@pytest.fixture(scope="module")
+def kontext_step():
+    """A tiny FLUX.1 Kontext with a LoRA, the flags and data one training step needs, and its mixed-size rows."""
+    transformer = tiny_transformer(FLUX_KONTEXT)
+    params = add_lora(transformer, 4, 4.0, FLUX_KONTEXT.lora_targets)
+    with torch.no_grad():  # B = 0 at init would leave A without gradient
+        generator = torch.Generator().manual_seed(0)
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05, generator=generator)
+    flags = args(guidance_scale=1.0, output_dir="unused")
+    empty = {"prompt_embeds": torch.zeros(5, 32), "pooled_prompt_embeds": torch.zeros(32)}
+    data = TrainingData(dataset=None, lengths=[], empty_prompt=empty, cached=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    items = flux_items(channels=16, text_dim=32, pooled_dim=32)
+
+    def run(step_batches):
+        transformer.zero_grad(set_to_none=True)
+        totals = accumulate_step(
+            Accelerator(), transformer, FLUX_KONTEXT, flags, scheduler, data, step_batches, TrainState()
+        )
+        return totals, [p.grad.clone() for p in params]
+
+    return transformer, flags, data, scheduler, items, run
+
+
+def test_the_step_loss_is_the_mean_over_every_target_token_of_the_step(kontext_step):
+    transformer, flags, data, scheduler, items, run = kontext_step
+    totals, _ = run([(0, collate_ragged(items[:2])), (0, collate_ragged(items[2:]))])
+    nb, targets, _ = make_noisy_batch(
+        collate_ragged(items), 0, flags, scheduler, data, torch.device("cpu"), torch.float32
+    )
+    with torch.no_grad():
+        predictions = FLUX_KONTEXT.predict(transformer, nb, flags)
+    squared = sum(((p - t) ** 2).sum() for p, t in zip(predictions, targets, strict=True))
+    expected = squared / sum(t.numel() for t in targets)  # target elements only: references are inputs, not targets
+    assert totals["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_two_micro_batches_of_different_sizes_equal_one_combined_batch(kontext_step):
+    *_, items, run = kontext_step
+    split_totals, split = run([(0, collate_ragged(items[:2])), (0, collate_ragged(items[2:]))])
+    whole_totals, whole = run([(0, collate_ragged(items))])
+    assert split_totals["loss"] == pytest.approx(whole_totals["loss"], rel=1e-5)
+    for a, b in zip(split, whole, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert max(float(g.abs().max()) for g in whole) > 1e-4  # the gradients compared are not all zero
