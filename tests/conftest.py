@@ -185,6 +185,16 @@ def check_lora_gradients(
     return mixed
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state that refuses another precision or device; clear it around a test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="class")
 def kit(request, tmp_path_factory, tiny_checkpoint):
     """For a trainer test class (MODEL, KIT): its tiny checkpoint, the demo data set's flags, and their cache."""
