@@ -222,8 +222,8 @@ class TrainerCases:
 
     @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
     def test_bf16_mixed_precision_run(self, kit, cached_run, tmp_path, monkeypatch, fresh_accelerate_state, device):
-        """--mixed_precision bf16 (base weights bf16, LoRA fp32) trains mixed batches; its first loss, computed
-        before any update on the same samples and noise, equals the fp32 run's within bf16 rounding (0.1%; seen 5e-5 on CPU)."""
+        """--mixed_precision bf16 (base weights bf16, LoRA fp32) trains mixed batches; its first loss, computed before
+        any update on the same samples and noise, equals the fp32 run's within bf16 rounding (0.1%; 5e-5 seen, CPU)."""
         monkeypatch.setenv("ACCELERATE_USE_CPU", str(device == "cpu").lower())
         argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *train_flags(tmp_path), "--mixed_precision", "bf16"]
         weights = lora(train_inprocess(self.MODEL, [*argv, "--max_train_steps", "2"]))
