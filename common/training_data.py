@@ -34,6 +34,7 @@ from common.cache import (
     cache_info,
     load_cache,
     stored_row,
+    text_token_counts,
     token_counts,
     unflatten_row,
 )
@@ -184,6 +185,20 @@ def _open_uncached(args: argparse.Namespace, model: str, device: torch.device, d
     empty_prompt = encoders.encode_prompt("") if encoders.is_flux else None
     rows = [row for row, _ in checked]
     return TrainingData(EncodedRows(rows, model, policy, encoders), [n for _, n in checked], empty_prompt, cached=False)
+
+
+def real_token_counts(args: argparse.Namespace, model: str, data: TrainingData) -> list[int]:
+    """Real tokens of each item as the transformer sees them (target + references + text), for token budgets."""
+    if data.cached:
+        text = text_token_counts(data.dataset.dataset)
+    elif model == "flux_kontext":  # T5 embeddings always have --max_sequence_length tokens
+        text = [getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)] * len(data.lengths)
+    else:
+        raise ValueError(
+            "--max_tokens_per_batch needs each prompt's token count, which for Qwen models is known only once encoded:"
+            " cache the data set first with precompute_cache.py and pass --cache_dir"
+        )
+    return [n + t for n, t in zip(data.lengths, text, strict=True)]
 
 
 def open_training_data(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> TrainingData:

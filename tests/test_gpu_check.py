@@ -1,0 +1,49 @@
+"""bench.gpu_check: a no-op without a GPU, stages that exist, time limits that hold, and no heavy imports."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.gpu_check import Stage, run_stage, stages
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_without_a_gpu_it_says_so_runs_nothing_and_exits_0(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "needs a CUDA GPU" in done.stdout and "nothing was run" in done.stdout
+    assert list(tmp_path.iterdir()) == [], "nothing may be written without a GPU"
+
+
+def test_every_stage_names_a_module_of_this_checkout():
+    planned = stages(sys.executable)
+    assert planned[0].argv[1:5] == ["-m", "pytest", "-m", "cuda"], "the CUDA tests come first"
+    for stage in planned:
+        if stage.argv[1] == "-m":
+            assert importlib.util.find_spec(stage.argv[2]) is not None, stage.argv[2]
+
+
+def test_a_stage_that_overruns_is_stopped_and_reported(tmp_path):
+    code = "import time; print('started', flush=True); time.sleep(30)"
+    status, seconds, output = run_stage(Stage("sleeper", [sys.executable, "-c", code], 30), 2)
+    assert status == "timed out after 2 s" and seconds < 10 and "started" in output
+
+
+def test_stages_import_neither_datasets_wandb_nor_bitsandbytes():
+    """The GPU machine has none of them: gpu_check and the benchmarks it runs must not need them."""
+    modules = ["bench.gpu_check", "bench.train_step", "bench.compile", "bench.token_budget"]
+    code = (
+        f"import importlib, sys; [importlib.import_module(m) for m in {modules}]; "
+        "print(sorted(m for m in ('datasets', 'wandb', 'bitsandbytes') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
