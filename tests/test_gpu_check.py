@@ -35,15 +35,17 @@ def test_a_stage_that_overruns_is_stopped_and_reported(tmp_path):
     assert status == "timed out after 2 s" and seconds < 10 and "started" in output
 
 
-def test_stages_import_neither_datasets_wandb_nor_bitsandbytes():
-    """The GPU machine has none of them: gpu_check and the benchmarks it runs must not need them."""
+def test_stages_run_without_datasets_wandb_or_bitsandbytes():
+    """The GPU machine has none of them: gpu_check and the benchmarks it runs import with all three absent."""
     modules = ["bench.gpu_check", "bench.train_step", "bench.compile", "bench.token_budget"]
     code = (
-        f"import importlib, sys; [importlib.import_module(m) for m in {modules}]; "
-        "print(sorted(m for m in ('datasets', 'wandb', 'bitsandbytes') if m in sys.modules))"
+        "import importlib, sys\n"
+        "for absent in ('datasets', 'wandb', 'bitsandbytes'):\n"
+        "    sys.modules[absent] = None  # as if not installed: importing it raises, find_spec gives None\n"
+        f"for module in {modules}:\n"
+        "    importlib.import_module(module)\n"
+        "print('imported')"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "imported"
