@@ -27,6 +27,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -105,14 +106,21 @@ def run_stage(stage: Stage, seconds: float) -> tuple[str, float, str]:
     """Run one stage with a time limit; returns (status, seconds taken, output)."""
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    process = subprocess.Popen(
+        stage.argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        start_new_session=True,  # its own process group, so a timeout also stops its workers (compilers, ranks)
+    )
     try:
-        done = subprocess.run(
-            stage.argv, capture_output=True, text=True, timeout=seconds, env=env, cwd=Path(__file__).parent.parent
-        )
-        stdout, stderr = done.stdout, done.stderr
-        status = "ok" if done.returncode == 0 else f"failed (exit {done.returncode})"
-    except subprocess.TimeoutExpired as expired:
-        stdout, stderr = _text(expired.stdout), _text(expired.stderr)
+        stdout, stderr = process.communicate(timeout=seconds)
+        status = "ok" if process.returncode == 0 else f"failed (exit {process.returncode})"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
         status = f"timed out after {seconds:.0f} s"
     lines = stdout.rstrip().splitlines()
     if status != "ok":  # the error is on stderr
@@ -120,11 +128,6 @@ def run_stage(stage: Stage, seconds: float) -> tuple[str, float, str]:
     if stage.tail_lines is not None and len(lines) > stage.tail_lines:
         lines = [f"... ({len(lines) - stage.tail_lines} lines above left out)", *lines[-stage.tail_lines :]]
     return status, time.monotonic() - start, "\n".join(lines)
-
-
-def _text(data: bytes | str | None) -> str:
-    """Captured output of a killed process as text."""
-    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
 def default_report() -> Path:
@@ -144,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     report.parent.mkdir(parents=True, exist_ok=True)
     print(f"report: {report.resolve()}", flush=True)
     started = time.monotonic()
-    header = [f"# GPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *environment(), ""]
+    try:
+        machine = environment()
+    except Exception as error:  # noqa: BLE001 - a broken install is itself the finding; the stages will show it too
+        machine = [f"- environment could not be read: {type(error).__name__}: {error}"]
+    header = [f"# GPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *machine, ""]
     summary, sections, failed = [], [], False
     for stage in stages(sys.executable):
         left = args.budget_s - (time.monotonic() - started)

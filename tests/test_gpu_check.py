@@ -49,3 +49,21 @@ def test_stages_run_without_datasets_wandb_or_bitsandbytes():
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "imported"
+
+
+def test_report_lists_every_stage_keeps_tables_and_fails_on_a_failed_stage(tmp_path, monkeypatch):
+    """The report logic on CPU: CUDA is declared present and the stages are two small commands."""
+    import bench.gpu_check as check
+
+    table = "print('| a | b |'); print('| --- | --- |'); print('| 1 | 2 |')"
+    planned = [
+        Stage("tables", [sys.executable, "-c", table], 30),
+        Stage("broken", [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], 30),
+    ]
+    monkeypatch.setattr(check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(check, "stages", lambda python: planned)
+    assert check.main(["--report", str(tmp_path / "report.md")]) == 1
+    text = (tmp_path / "report.md").read_text()
+    assert "| tables | ok |" in text and "| broken | failed (exit 3) |" in text
+    assert "\n| 1 | 2 |\n" in text, "benchmark tables stay markdown"
+    assert "boom" in text, "a failed stage's stderr is in the report"
