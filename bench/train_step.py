@@ -59,6 +59,7 @@ from bench.mixed_forward import TINY_CONFIG
 from bench.padding_ratio import synthetic_sizes
 from common import flux, qwen
 from common.attention import BACKENDS, MixedAttention, available_backends, base_model
+from common.compile import compile_blocks
 from common.loss import masked_mse_loss
 from common.models import get_model
 from common.padding import lengths_mask
@@ -347,7 +348,7 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
     if args.compile:
         problem = compile_works(device)
         if problem is None:
-            model.compile_repeated_blocks(dynamic=True)
+            compile_blocks(model)
         else:
             print(f"--compile skipped, torch.compile does not work on {device}: {problem}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -436,7 +437,7 @@ def main() -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the repeated transformer blocks (dynamic shapes; new batch layouts may still recompile)",
+        help="torch.compile the repeated transformer blocks (common.compile; bench/compile.py compares with eager)",
     )
     parser.add_argument("--peak_tflops", type=float, help="device peak for MFU (default: known GPUs' dense bf16)")
     parser.add_argument("--seed", type=int, default=0)

@@ -90,8 +90,13 @@ def _scatter_packed(packed: Tensor, like: Tensor, index: Tensor) -> Tensor:
     return out.view(batch, seq, *packed.shape[1:])
 
 
+@torch.compiler.disable
 def mixed_attention(query: Tensor, key: Tensor, value: Tensor, mixed: MixedAttention) -> Tensor:
-    """Joint attention of (B, S, H, D) tensors where each sample sees only its own real keys; padded rows are 0."""
+    """Joint attention of (B, S, H, D) tensors where each sample sees only its own real keys; padded rows are 0.
+
+    Kept out of compiled graphs (`--compile`): it branches and loops on the batch's Python lengths, which would make
+    every new batch layout a recompile; the attention kernels themselves gain nothing from tracing.
+    """
     if mixed.backend == "masked":
         return dispatch_attention_fn(query, key, value, attn_mask=mixed.key_mask)
     flat = [t.flatten(0, 1).index_select(0, mixed.index) for t in (query, key, value)]

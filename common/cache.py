@@ -450,6 +450,11 @@ def token_counts(dataset: datasets.Dataset) -> list[int]:
     return [sum(math.prod(shape) for shape in shapes) for shapes in row_img_shapes(dataset)]
 
 
+def text_token_counts(dataset: datasets.Dataset) -> list[int]:
+    """Text tokens per row (the length of its prompt embedding), from the shape column alone."""
+    return [shape[0] for shape in _columns(dataset, ["prompt_embeds" + SHAPE])[0].to_pylist()]
+
+
 def _arrow_value(scalar: pa.Scalar, kind: str) -> Any:
     """Python value of one cell; tensor columns as numpy arrays so the stored dtype survives."""
     if not scalar.is_valid or kind == "plain":

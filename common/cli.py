@@ -117,6 +117,14 @@ def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, 
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--attention_backend", default="auto", choices=["auto", "masked", "split", "varlen"])
     train.add_argument("--group_by_length", action="store_true", help="batch samples of similar token counts")
+    train.add_argument(
+        "--max_tokens_per_batch",
+        type=int,
+        default=None,
+        help="fill each micro-batch up to this many real tokens (target + references + text) per process, "
+        "instead of --train_batch_size samples",
+    )
+    train.add_argument("--compile", action="store_true", help="torch.compile each transformer block (regional)")
     train.add_argument("--dataloader_num_workers", type=int, default=0)
 
     lora = parser.add_argument_group("LoRA")
@@ -156,6 +164,8 @@ def check_training_args(args: argparse.Namespace, argv: list[str] | None = None)
     for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "rank"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < 1:
+        raise ValueError(f"--max_tokens_per_batch must be >= 1, got {args.max_tokens_per_batch}")
     for flag in ("caption_dropout", "control_dropout"):
         if not 0.0 <= getattr(args, flag) <= 1.0:
             raise ValueError(f"--{flag} must lie in [0, 1], got {getattr(args, flag)}")

@@ -41,8 +41,8 @@ from common.model_card import CARD_FILE, model_card, write_model_card
 from common.models import EditModel
 from common.padding import pad_sequences, padding_ratio
 from common.plots import CURVES_FILE, save_training_curves
-from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, collate_ragged
-from common.training_data import TrainingData, open_training_data
+from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, TokenBudgetBatchSampler, collate_ragged
+from common.training_data import TrainingData, open_training_data, real_token_counts
 from common.validation import Validation
 
 logger = get_logger(__name__)
@@ -172,16 +172,19 @@ def _optimizer(args: argparse.Namespace, params: list[nn.Parameter]) -> torch.op
     )
 
 
-def _sampler(args: argparse.Namespace, data: TrainingData, accelerator: Accelerator) -> RandomBatchSampler:
-    """Random or `--group_by_length` batches of this rank, from one global order shared by all ranks."""
+def _sampler(
+    args: argparse.Namespace, model: EditModel, data: TrainingData, accelerator: Accelerator
+) -> RandomBatchSampler:
+    """Random or `--group_by_length` batches of this rank, of `--train_batch_size` samples or filled up to
+    `--max_tokens_per_batch` real tokens, from one global order shared by all ranks."""
+    ranks = dict(seed=args.seed, num_replicas=accelerator.num_processes, rank=accelerator.process_index)
+    if args.max_tokens_per_batch:
+        tokens = real_token_counts(args, model, data)
+        return TokenBudgetBatchSampler(
+            data.lengths, args.max_tokens_per_batch, tokens=tokens, group_by_length=args.group_by_length, **ranks
+        )
     sampler_class = LengthGroupedBatchSampler if args.group_by_length else RandomBatchSampler
-    return sampler_class(
-        data.lengths,
-        args.train_batch_size,
-        seed=args.seed,
-        num_replicas=accelerator.num_processes,
-        rank=accelerator.process_index,
-    )
+    return sampler_class(data.lengths, args.train_batch_size, **ranks)
 
 
 class _Metrics:
@@ -270,6 +273,10 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    if args.compile:
+        from common.compile import compile_blocks
+
+        compile_blocks(transformer)
 
     # Optimizer and schedule count optimizer steps (the scheduler is not wrapped, so it steps once per step).
     optimizer = _optimizer(args, params)
@@ -282,7 +289,7 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
 
     # Data: cached or encoded on the fly, in the same row format; the sampler splits global batches across ranks.
     data = open_training_data(args, model, accelerator.device, weight_dtype)
-    sampler = _sampler(args, data, accelerator)
+    sampler = _sampler(args, model, data, accelerator)
     loader = DataLoader(
         data.dataset,
         batch_sampler=sampler,
@@ -330,6 +337,7 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
                 "loss": totals["loss"],
                 "lr": lr_scheduler.get_last_lr()[0],
                 "padding_ratio": totals["padding_ratio"],
+                "tokens": totals["tokens"],  # real tokens of the step on all ranks
                 "tokens_per_second": totals["tokens"] / elapsed,
                 "grad_norm": float(grad_norm),
                 "epoch": state.epoch,

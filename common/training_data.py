@@ -35,6 +35,7 @@ from common.cache import (
     load_cache,
     row_img_shapes,
     stored_row,
+    text_token_counts,
     token_counts,
     unflatten_row,
 )
@@ -211,6 +212,20 @@ def _open_uncached(
     lengths = [sum(math.prod(grid) for grid in grids) for grids in shapes]
     dataset = EncodedRows(rows, model, policy, encoders)
     return TrainingData(dataset, lengths, empty_prompt, False, shapes, [row.prompt for row in rows])
+
+
+def real_token_counts(args: argparse.Namespace, model: EditModel, data: TrainingData) -> list[int]:
+    """Real tokens of each item as the transformer sees them (target + references + text), for token budgets."""
+    if data.cached:
+        text = text_token_counts(data.dataset.dataset)
+    elif model.max_sequence_length is not None:  # fixed-length text (T5-style): always the flags' text length
+        text = [text_length(args, model)] * len(data.lengths)
+    else:
+        raise ValueError(
+            "--max_tokens_per_batch needs each prompt's token count, which for this model is known only once encoded:"
+            " cache the data set first with precompute_cache.py and pass --cache_dir"
+        )
+    return [n + t for n, t in zip(data.lengths, text, strict=True)]
 
 
 def open_training_data(

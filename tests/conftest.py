@@ -9,9 +9,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from diffusers.training_utils import cast_training_params  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 
 from common.tiny import write_tiny  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip with the reason "needs CUDA" on machines without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -46,15 +57,85 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
+BF16_FLOOR = 2.0**-8  # relative error of a couple of bf16 roundings (8 bits of mantissa)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def backend_cases(with_auto: bool = True) -> list:
+    """(device, dtype, backend) parameters: CPU fp32 (masked, split), CUDA fp32 (same) and CUDA bf16 (plus varlen,
+    which needs half precision on CUDA); CUDA cases carry the `cuda` mark. `auto` resolves per device and dtype."""
+    cases = []
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.float32), ("cuda", torch.bfloat16)):
+        backends = ["masked", "split"] + (["varlen"] if dtype == torch.bfloat16 else []) + (["auto"] * with_auto)
+        marks = [pytest.mark.cuda] if device == "cuda" else []
+        cases += [
+            pytest.param(device, dtype, b, id=f"{device}-{_DTYPE_NAMES[dtype]}-{b}", marks=marks) for b in backends
+        ]
+    return cases
+
+
+def to_device(batch: dict, device: str, dtype: torch.dtype, keep_dtype: tuple[str, ...] = ("img_ids", "txt_ids")):
+    """The batch on `device`, floating tensors in `dtype` except position ids (kept float32, as the pipelines do)."""
+
+    def move(key, value):
+        if isinstance(value, list):
+            return [move(key, v) for v in value]
+        if not isinstance(value, torch.Tensor):
+            return value
+        cast = value.is_floating_point() and key not in keep_dtype
+        return value.to(device, dtype) if cast else value.to(device)
+
+    return {key: move(key, value) for key, value in batch.items()}
+
+
+def check_backend_runs(backend: str, device: str, dtype: torch.dtype) -> None:
+    """A requested concrete backend must really run here (varlen silently falling back to split would hide it)."""
+    from common.attention import resolve_backend
+
+    if backend != "auto":
+        assert resolve_backend(backend, torch.device(device), dtype) == backend
+
+
+def _spread_tolerance(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    """bf16 tolerance from the stock path's own rounding: twice the largest relative difference between two stock
+    runs that differ only in the SDPA kernel (flash/efficient vs the fp32-accumulating math kernel), at least
+    BF16_FLOOR. A mixed batch changes kernels and matmul shapes in the same way, so it may differ as much."""
+    spread = max(relative_error(o.float(), r.float()) for o, r in zip(other, reference, strict=True))
+    return max(2 * spread, BF16_FLOOR)
+
+
+def check_matches_stock(outputs: list[torch.Tensor], stock, dtype: torch.dtype) -> None:
+    """Each mixed-batch output equals `stock(i)`, sample i alone through the stock model: max abs error <= 1e-5 in
+    fp32; in bf16, relative error within the stock path's own kernel-to-kernel spread (`_spread_tolerance`)."""
+    expected = [stock(i) for i in range(len(outputs))]
+    for o, e in zip(outputs, expected, strict=True):
+        assert o.shape == e.shape
+    if dtype == torch.float32:
+        for o, e in zip(outputs, expected, strict=True):
+            assert (o - e).abs().max().item() <= 1e-5
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        other = [stock(i) for i in range(len(outputs))]
+    tolerance = _spread_tolerance(expected, other)
+    for o, e in zip(outputs, expected, strict=True):
+        assert relative_error(o.float(), e.float()) <= tolerance
+
+
 def check_lora_gradients(
     transformer, backend, checkpointing, install, padded_forward, stock_single, batch, input_module
 ):
     """Mixed-batch LoRA gradients equal the sum of per-sample stock gradients; padding gets exactly zero gradient.
 
-    Returns the mixed-batch LoRA gradients so the caller can check which tensors were adapted.
+    `transformer` and `batch` are already on their device and dtype; LoRA weights are float32 as in training.
+    fp32: relative error <= 1e-5 per LoRA tensor. bf16: relative error of all LoRA gradients together within the
+    stock path's own kernel-to-kernel spread. Returns the mixed-batch LoRA gradients.
     """
+    device, dtype = batch["hidden_states"][0].device, batch["hidden_states"][0].dtype
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    cast_training_params(transformer, torch.float32)
     randomize_lora(transformer)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -73,21 +154,45 @@ def check_lora_gradients(
     hook.remove()
     assert torch.equal(out[~valid], torch.zeros_like(out[~valid])), "padded outputs must be exactly zero"
     g = torch.Generator().manual_seed(1)
-    weights = [torch.randn(h.shape[0], out.shape[-1], generator=g) for h in batch["hidden_states"]]
+    weights = [torch.randn(h.shape[0], out.shape[-1], generator=g).to(device, dtype) for h in batch["hidden_states"]]
     sum((o[: w.shape[0]] * w).sum() for o, w in zip(out, weights, strict=True)).backward()
     padded_input_grad = captured["input"].grad
     assert torch.equal(padded_input_grad[~valid], torch.zeros_like(padded_input_grad[~valid]))
     assert padded_input_grad[valid].abs().sum() > 0
     mixed = lora_grads(transformer)
 
-    transformer.zero_grad()
-    for i, w in enumerate(weights):
-        (stock_single(transformer, batch, i) * w).sum().backward()
-    summed = lora_grads(transformer)
+    def stock_grads() -> dict[str, torch.Tensor]:
+        transformer.zero_grad()
+        for i, w in enumerate(weights):
+            (stock_single(transformer, batch, i) * w).sum().backward()
+        return lora_grads(transformer)
+
+    summed = stock_grads()
     for name, grad in mixed.items():
         assert summed[name].abs().sum() > 0, name
-        assert relative_error(grad, summed[name]) <= 1e-5, name
+        if dtype == torch.float32:
+            assert relative_error(grad, summed[name]) <= 1e-5, name
+    if dtype != torch.float32:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(SDPBackend.MATH):
+            other = stock_grads()
+
+        def flat(grads):
+            return torch.cat([grads[n].flatten() for n in sorted(grads)])
+
+        assert relative_error(flat(mixed), flat(summed)) <= _spread_tolerance([flat(summed)], [flat(other)])
     return mixed
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state that refuses another precision or device; clear it around a test."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="class")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import check_lora_gradients
+from conftest import backend_cases, check_backend_runs, check_lora_gradients, check_matches_stock, to_device
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
 from common.attention import available_backends
@@ -78,15 +78,13 @@ def test_equal_layouts_are_bitwise_stock_batch(transformer):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_matches_each_sample_alone(transformer, backend):
-    batch = make_batch(MIXED)
+@pytest.mark.parametrize("device, dtype, backend", backend_cases())
+def test_mixed_batch_matches_each_sample_alone(transformer, device, dtype, backend):
+    transformer.to(device, dtype)
+    batch = to_device(make_batch(MIXED), device, dtype)
     install_mixed(transformer, backend)
-    out = mixed_forward(transformer, **batch)
-    for i, o in enumerate(out):
-        expected = stock_single(transformer, batch, i)
-        assert o.shape == expected.shape
-        assert (o - expected).abs().max().item() <= 1e-5
+    check_backend_runs(backend, device, dtype)
+    check_matches_stock(mixed_forward(transformer, **batch), lambda i: stock_single(transformer, batch, i), dtype)
 
 
 @torch.no_grad()
@@ -105,10 +103,12 @@ def test_stock_calls_unchanged_after_install(transformer):
     assert torch.equal(stock_single(transformer, batch, 0), before)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, dtype, backend", backend_cases())
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, backend, checkpointing):
-    batch = make_batch(MIXED)
+def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, device, dtype, backend, checkpointing):
+    transformer.to(device, dtype)
+    batch = to_device(make_batch(MIXED), device, dtype)
+    check_backend_runs(backend, device, dtype)
     grads = check_lora_gradients(
         transformer, backend, checkpointing, install_mixed, padded_forward, stock_single, batch, transformer.x_embedder
     )

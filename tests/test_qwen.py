@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import check_lora_gradients
+from conftest import backend_cases, check_backend_runs, check_lora_gradients, check_matches_stock, to_device
 from diffusers import QwenImageTransformer2DModel
 
 from common.attention import available_backends
@@ -72,15 +72,13 @@ def test_equal_shapes_and_text_lengths_are_bitwise_stock_batch(transformer):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_matches_each_sample_alone(transformer, backend):
-    batch = make_batch(MIXED, TEXT_LENGTHS)
+@pytest.mark.parametrize("device, dtype, backend", backend_cases())
+def test_mixed_batch_matches_each_sample_alone(transformer, device, dtype, backend):
+    transformer.to(device, dtype)
+    batch = to_device(make_batch(MIXED, TEXT_LENGTHS), device, dtype)
     install_mixed(transformer, backend)
-    out = mixed_forward(transformer, **batch)
-    for i, o in enumerate(out):
-        expected = stock_single(transformer, batch, i)
-        assert o.shape == expected.shape
-        assert (o - expected).abs().max().item() <= 1e-5
+    check_backend_runs(backend, device, dtype)
+    check_matches_stock(mixed_forward(transformer, **batch), lambda i: stock_single(transformer, batch, i), dtype)
 
 
 @torch.no_grad()
@@ -98,10 +96,12 @@ def test_token_count_must_match_img_shapes(transformer):
         mixed_forward(transformer, **batch)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, dtype, backend", backend_cases())
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, backend, checkpointing):
-    batch = make_batch(MIXED, TEXT_LENGTHS)
+def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, device, dtype, backend, checkpointing):
+    transformer.to(device, dtype)
+    batch = to_device(make_batch(MIXED, TEXT_LENGTHS), device, dtype)
+    check_backend_runs(backend, device, dtype)
     grads = check_lora_gradients(
         transformer, backend, checkpointing, install_mixed, padded_forward, stock_single, batch, transformer.img_in
     )

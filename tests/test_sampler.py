@@ -6,7 +6,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, collate_ragged, mean_padding_ratio
+from common.sampler import (
+    LengthGroupedBatchSampler,
+    RandomBatchSampler,
+    TokenBudgetBatchSampler,
+    collate_ragged,
+    mean_padding_ratio,
+)
 
 SAMPLERS = [RandomBatchSampler, LengthGroupedBatchSampler]
 
@@ -181,3 +187,73 @@ def test_collate_keeps_ragged_shapes():
     assert batch["index"] == [0, 1, 2]
     assert batch["lengths"] == [32 * 16 + 16 * 8, 16 * 48 + 2 * 8 * 24, 24 * 24]
     assert "lengths" not in collate_ragged([{"index": 0}])
+
+
+def budget_sampler(lengths, max_tokens, **kwargs):
+    return TokenBudgetBatchSampler(lengths, max_tokens, seed=5, **kwargs)
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+@pytest.mark.parametrize("replicas", [1, 2, 3])
+def test_token_budget_batches_fit_cover_the_epoch_and_give_ranks_equal_counts(group_by_length, replicas):
+    lengths = synthetic_lengths(300)
+    text = [random.Random(i).randint(50, 300) for i in range(300)]
+    tokens = [n + t for n, t in zip(lengths, text, strict=True)]
+    budget = 6000
+    ranks = [
+        TokenBudgetBatchSampler(
+            lengths, budget, tokens=tokens, group_by_length=group_by_length, seed=5, num_replicas=replicas, rank=r
+        )
+        for r in range(replicas)
+    ]
+    for e in range(2):
+        per_rank = [epoch(sampler, e) for sampler in ranks]
+        assert all(len(batches) == len(ranks[0]) for batches in per_rank), "every rank runs as many micro-batches"
+        seen = [i for batches in per_rank for batch in batches for i in batch]
+        assert sorted(seen) == list(range(300)), "every sample exactly once per epoch"
+        batches = [batch for batches in per_rank for batch in batches]
+        assert all(batch and sum(tokens[i] for i in batch) <= budget for batch in batches)
+        counts = [len(b) for b in batches]
+        assert min(counts) < max(counts), "batch sizes follow the budget, not a fixed count"
+        # A batch closes only when the next sample does not fit: only the epoch's last batch and the halves that
+        # give every rank a batch in the short last step may hold less than budget - the longest sample.
+        underfull = [b for b in batches if sum(tokens[i] for i in b) <= budget - max(tokens)]
+        assert len(underfull) <= 2 * replicas
+
+
+def test_token_budget_grouped_batches_pad_less_than_random():
+    lengths = synthetic_lengths(1024)
+    random_ratio = budget_sampler(lengths, 12000).padding_ratio()
+    grouped = budget_sampler(lengths, 12000, group_by_length=True)
+    assert grouped.padding_ratio() < 0.05 < 0.2 < random_ratio
+    assert grouped.padding_ratio() == pytest.approx(mean_padding_ratio(list(grouped), lengths))
+
+
+def test_token_budget_short_last_step_gives_every_rank_a_batch():
+    lengths = [10] * 7  # budget 40: batches of 4 and 3 samples, for 3 ranks
+    steps = TokenBudgetBatchSampler(lengths, 40, num_replicas=3).steps()
+    assert len(steps) == 1 and sorted(len(b) for b in steps[0]) == [2, 2, 3]
+    # Budget 30, 2 ranks: batches of 3, 3, 1 samples; the short step [1] joins the one before: [3], [2], [1, 1].
+    steps = TokenBudgetBatchSampler(lengths, 30, num_replicas=2).steps()
+    assert [sorted(len(b) for b in step) for step in steps] == [[1, 2], [1, 3]]
+    dropped = TokenBudgetBatchSampler(lengths, 40, num_replicas=3, drop_last=True)
+    assert dropped.steps() == [] and len(dropped) == 0
+    assert TokenBudgetBatchSampler([10] * 2, 40, num_replicas=3).steps()[0].count([]) == 1
+
+
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_token_budget_resume_is_exact(group_by_length):
+    lengths = synthetic_lengths(200)
+    sampler = budget_sampler(lengths, 5000, group_by_length=group_by_length, num_replicas=2, rank=1)
+    sampler.set_epoch(1)
+    full = list(sampler)
+    for k in (0, 3, len(full)):
+        resumed = budget_sampler(lengths, 5000, group_by_length=group_by_length, num_replicas=2, rank=1)
+        resumed.load_state_dict({"epoch": 1, "batches_done": k})
+        assert list(resumed) == full[k:]
+        assert resumed.state_dict() == {"epoch": 1, "batches_done": len(full)}
+
+
+def test_token_budget_smaller_than_a_sample_names_the_flag():
+    with pytest.raises(ValueError, match=r"--max_tokens_per_batch 100 is smaller than sample 1 \(150 tokens\)"):
+        TokenBudgetBatchSampler([50, 150, 20], 100)

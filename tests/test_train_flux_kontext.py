@@ -1,5 +1,7 @@
 """train_flux_kontext.py end to end on the tiny kit (cached/uncached, resume, 2 processes, LoRA, NaN stop)."""
 
+import math
+
 import trainer_harness as h
 
 
@@ -28,3 +30,14 @@ class TestKontext(h.TrainerCases, h.EqualSizeCases):
         assert [r["lr"] for r in records[:2]] == [5e-4, 1e-3]  # linear warm-up over 2 steps, then cosine decay
         assert records[3]["lr"] < records[2]["lr"]
         assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
+
+    def test_token_budget_batches_with_grouping_and_accumulation(self, kit, tmp_path):
+        """--max_tokens_per_batch 700: each micro-batch holds at most 700 real tokens (tiny samples: 160 to 320 with
+        text), so a step of 2 accumulated micro-batches at most 1,400, and more than one micro-batch's worth."""
+        budget = ["--max_tokens_per_batch", "700", "--group_by_length", "--gradient_accumulation_steps", "2"]
+        h.train_inprocess(
+            self.MODEL, [*kit["flags"], "--cache_dir", str(kit["cache"]), *h.train_flags(tmp_path), *budget]
+        )
+        records = h.metrics(tmp_path)
+        assert [r["step"] for r in records] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in records)
+        assert all(700 < r["tokens"] <= 1400 for r in records), [r["tokens"] for r in records]

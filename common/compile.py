@@ -1,0 +1,25 @@
+"""`--compile`: regional compilation of the transformer blocks, as diffusers' `compile_repeated_blocks`.
+
+Each block class the model lists in `_repeated_blocks` (FLUX: double- and single-stream blocks; Qwen-Image: its
+block) is compiled in place, so one graph serves all blocks of a class and compiling takes a few graphs instead of
+the whole model. Shapes are dynamic from the first call (`dynamic=True`): mixed batches change the batch size,
+sequence and text lengths every step and must reuse the graphs instead of recompiling per layout. What depends on
+the batch's Python lengths stays eager: the per-sample rotary tables and `MixedAttention` are built outside the
+blocks, and `common.attention.mixed_attention` is excluded with `torch.compiler.disable` (a graph break before and
+after attention).
+"""
+
+import torch
+from torch import nn
+
+from common.attention import base_model
+
+
+def compile_blocks(transformer: nn.Module) -> None:
+    """Compile every repeated block of `transformer` (it may be wrapped by PEFT/DDP) with dynamic shapes, in place."""
+    base_model(transformer).compile_repeated_blocks(dynamic=True)
+
+
+def compiled_frames() -> int:
+    """Frames TorchDynamo has compiled in this process so far (first compiles and recompiles)."""
+    return torch._dynamo.utils.counters["frames"]["ok"]
