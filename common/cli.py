@@ -2,6 +2,7 @@
 
 import argparse
 
+from common.base_weights import add_memory_args, check_memory_args
 from common.flow_matching import TIMESTEP_SAMPLING
 from common.resolution import ResolutionPolicy
 
@@ -83,6 +84,8 @@ def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, 
     train.add_argument("--group_by_length", action="store_true", help="batch samples of similar token counts")
     train.add_argument("--dataloader_num_workers", type=int, default=0)
 
+    add_memory_args(parser)
+
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=16)
     lora.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank")
@@ -119,5 +122,6 @@ def check_training_args(args: argparse.Namespace) -> None:
         and len(args.validation_prompts) != len(args.validation_images)
     ):
         raise ValueError("--validation_prompts and --validation_images must have one entry per validation sample")
+    check_memory_args(args)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
