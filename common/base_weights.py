@@ -78,7 +78,7 @@ def _frozen_weight(hook: FrozenLinearHook, device: torch.device) -> Tensor:
     weight = module.weight.to(device, non_blocking=True)
     if hook.fp8:
         scale = module.weight_scale.to(device, non_blocking=True)
-        return (weight.float() * scale).to(hook.compute_dtype)
+        return weight.float().mul_(scale).to(hook.compute_dtype)  # in place: one float32 temporary, not two
     return weight
 
 
@@ -251,11 +251,16 @@ def load_transformer(
 
         if args.base_precision == "nf4":
             config = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
             )
         else:
             config = BitsAndBytesConfig(load_in_8bit=True)
-        model = transformer_class.from_pretrained(args.pretrained_model_name_or_path, quantization_config=config, **kwargs)
+        model = transformer_class.from_pretrained(
+            args.pretrained_model_name_or_path, quantization_config=config, **kwargs
+        )
         # As the diffusers QLoRA examples: norms etc. in float32, inputs that need gradients for checkpointing.
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False).to(device)
     model = transformer_class.from_pretrained(args.pretrained_model_name_or_path, **kwargs)
