@@ -279,3 +279,15 @@ def offload_modules(module: nn.Module, device: torch.device) -> None:
         _register(block, BlockOffloadHook(tensors, device, stream), _BLOCK_OFFLOAD)
     rest = [t for t in (*module.parameters(), *module.buffers()) if id(t) not in in_blocks]
     _register(module, BlockOffloadHook(rest, device, stream), _BLOCK_OFFLOAD)
+
+
+def offload_pipeline(pipe: object, device: torch.device) -> None:
+    """Offload every model of a pipeline loaded on CPU with `offload_modules`; a VAE, whose `encode`/`decode` are
+    not its forward, per child (encoder, decoder, quant convs)."""
+    for component in pipe.components.values():
+        if not isinstance(component, nn.Module):
+            continue
+        parts = list(component.children()) if hasattr(component, "encode") else [component]
+        for part in parts:
+            if any(True for _ in part.parameters()):
+                offload_modules(part, device)

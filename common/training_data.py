@@ -156,7 +156,8 @@ def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
 
 
 def encoders_for(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> Encoders:
-    """The frozen encoders of the checkpoint the flags name (for on-the-fly data and for validation)."""
+    """The frozen encoders of the checkpoint the flags name (for on-the-fly data and for validation); offloaded to CPU
+    memory between uses unless --encoders_on_device, so they never sit on the GPU beside the training state."""
     return load_encoders(
         model,
         args.pretrained_model_name_or_path,
@@ -164,6 +165,7 @@ def encoders_for(args: argparse.Namespace, model: str, device: torch.device, dty
         dtype=dtype,
         revision=args.revision,
         max_sequence_length=getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH),
+        offload=not getattr(args, "encoders_on_device", False),
     )
 
 

@@ -14,6 +14,28 @@ from peft import LoraConfig  # noqa: E402
 from common.tiny import write_tiny  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, saying so, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked cuda); torch.cuda.is_available() is False")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def reduce_base(transformer: torch.nn.Module, option: str) -> None:
+    """Apply a memory option ("fp8" or "offload") to a transformer's frozen base, as the trainers do, on CPU."""
+    from argparse import Namespace
+
+    from common.base_weights import place_base_weights
+
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+    args = Namespace(base_precision="fp8" if option == "fp8" else "auto", offload_blocks=option == "offload")
+    place_base_weights(transformer, args, torch.device("cpu"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of a tiny random checkpoint in the hub layout of MODEL, written once per session."""
@@ -47,15 +69,18 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_lora_gradients(
-    transformer, backend, checkpointing, install, padded_forward, stock_single, batch, input_module
+    transformer, backend, checkpointing, install, padded_forward, stock_single, batch, input_module, base="auto"
 ):
     """Mixed-batch LoRA gradients equal the sum of per-sample stock gradients; padding gets exactly zero gradient.
+    `base`: "auto", or a memory option of `reduce_base` applied once the LoRA is added (both sides use it).
 
     Returns the mixed-batch LoRA gradients so the caller can check which tensors were adapted.
     """
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     randomize_lora(transformer)
+    if base != "auto":
+        reduce_base(transformer, base)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
