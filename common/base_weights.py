@@ -216,7 +216,8 @@ def place_base_weights(transformer: nn.Module, args: argparse.Namespace, device:
     for block in blocks(transformer):
         frozen = list(_frozen_linears(block))
         for layer in frozen:  # quantized one layer at a time on the device, so the full model is never there
-            layer.to(device)
+            if fp8:
+                layer.to(device)
             _register(layer, FrozenLinearHook(fp8), _FROZEN_LINEAR)
         if args.offload_blocks:
             tensors = [t for layer in frozen for t in (*layer.parameters(), *layer.buffers())]
