@@ -33,6 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_sequence_length", type=int, default=None, help="text tokens (default: the model's)")
     parser.add_argument("--shard_size", type=int, default=32, help="rows per atomically written shard")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="encoder dtype")
+    parser.add_argument(
+        "--offload_encoders",
+        action="store_true",
+        help="keep the encoders in CPU memory, onloading them block by block while encoding (for small GPUs)",
+    )
     args = parser.parse_args(argv)
     if not args.dataset or not args.cache_dir:
         raise ValueError("--dataset and --cache_dir are both required")
@@ -70,6 +75,7 @@ def main(args: argparse.Namespace) -> None:
         dtype=dtype,
         revision=args.revision,
         max_sequence_length=text_length(args, model),
+        offload=args.offload_encoders,
     )
     done = writer.done_indices()
     mine = [r for r in rows[accelerator.process_index :: accelerator.num_processes] if r.index not in done]

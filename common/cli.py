@@ -4,6 +4,7 @@ import argparse
 import sys
 from functools import partial
 
+from common.base_weights import add_memory_args, check_memory_args
 from common.flow_matching import TIMESTEP_SAMPLING
 from common.models import EditModel, get_model
 from common.resolution import ResolutionPolicy, parse_resolution, size_for_area
@@ -127,6 +128,8 @@ def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, 
     train.add_argument("--compile", action="store_true", help="torch.compile each transformer block (regional)")
     train.add_argument("--dataloader_num_workers", type=int, default=0)
 
+    add_memory_args(parser)
+
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", type=int, default=16)
     lora.add_argument("--lora_alpha", type=float, default=None, help="default: equal to --rank")
@@ -177,6 +180,7 @@ def check_training_args(args: argparse.Namespace, argv: list[str] | None = None)
         and len(args.validation_prompts) != len(args.validation_images)
     ):
         raise ValueError("--validation_prompts and --validation_images must have one entry per validation sample")
+    check_memory_args(args)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
 

@@ -35,10 +35,17 @@ class Encoders:
     """Frozen text encoders and VAE of one model, run through its stock pipeline (loaded without the transformer)."""
 
     def __init__(
-        self, model: EditModel | str, pipe: DiffusionPipeline, *, max_sequence_length: int | None = None
+        self,
+        model: EditModel | str,
+        pipe: DiffusionPipeline,
+        *,
+        max_sequence_length: int | None = None,
+        device: torch.device | None = None,
     ) -> None:
-        """Wrap `pipe`; `max_sequence_length` is the text length (default: the model's; ignored where it has none)."""
+        """Wrap `pipe`; `max_sequence_length` is the text length (default: the model's; ignored where it has none);
+        `device`: where the encoders compute when their weights live elsewhere (offloaded), else where they are."""
         self.model = get_model(model)
+        self.execution_device = device
         self.pipe = pipe
         self.max_sequence_length = max_sequence_length or self.model.max_sequence_length
         for component in pipe.components.values():
@@ -48,7 +55,7 @@ class Encoders:
     @property
     def device(self) -> torch.device:
         """Device the encoders run on."""
-        return self.pipe.vae.device
+        return self.execution_device or self.pipe.vae.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -111,11 +118,18 @@ def load_encoders(
     dtype: torch.dtype = torch.float32,
     revision: str | None = None,
     max_sequence_length: int | None = None,
+    offload: bool = False,
 ) -> Encoders:
-    """Load `model`'s stock pipeline without its transformer and wrap its encoders."""
+    """Load `model`'s stock pipeline without its transformer and wrap its encoders; with `offload` their weights stay
+    in CPU memory and go to `device` block by block only while encoding (`common.base_weights.offload_pipeline`)."""
     model = get_model(model)
     pipe = model.pipeline_class.from_pretrained(
         pretrained_model_name_or_path, transformer=None, dtype=dtype, revision=revision
     )
     pipe.set_progress_bar_config(disable=True)
+    if offload:
+        from common.base_weights import offload_pipeline
+
+        offload_pipeline(pipe, device)
+        return Encoders(model, pipe, max_sequence_length=max_sequence_length, device=torch.device(device))
     return Encoders(model, pipe.to(device), max_sequence_length=max_sequence_length)

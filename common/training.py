@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from common.base_weights import is_placed_by_hooks, load_transformer, place_base_weights
 from common.batch import NoisyBatch, pack_latents
 from common.checkpoints import resolve_resume, save_checkpoint, step_of
 from common.cli import public_config
@@ -260,9 +261,7 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     weight_dtype = _weight_dtype(accelerator)
 
     # Models: the stock transformer with a LoRA adapter and the mixed-batch hooks; the scheduler for sigma shifts.
-    transformer = model.transformer_class.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="transformer", revision=args.revision, torch_dtype=weight_dtype
-    ).to(accelerator.device)
+    transformer = load_transformer(model.transformer_class, args, accelerator.device, weight_dtype)
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
         args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
     )
@@ -270,6 +269,7 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     params = add_lora(
         transformer, args.rank, args.lora_alpha, args.lora_target_modules, model.unused_modules(transformer)
     )
+    place_base_weights(transformer, args, accelerator.device)  # --base_precision fp8, --offload_blocks
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
@@ -306,7 +306,9 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
         shared = None if data.cached else data.dataset.encoders  # on-the-fly data already holds the encoders
         validation = Validation(args, model, accelerator.device, weight_dtype, shared)
 
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    transformer, optimizer = accelerator.prepare(
+        transformer, optimizer, device_placement=[not is_placed_by_hooks(args), True]
+    )
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
     _register_lora_hooks(accelerator, model, output_dir / METRICS_FILE)

@@ -180,7 +180,8 @@ def _open_cached(args: argparse.Namespace, model: EditModel) -> TrainingData:
 
 
 def encoders_for(args: argparse.Namespace, model: EditModel, device: torch.device, dtype: torch.dtype) -> Encoders:
-    """The frozen encoders of the checkpoint the flags name (for on-the-fly data and for validation)."""
+    """The frozen encoders of the checkpoint the flags name (for on-the-fly data and for validation); offloaded to CPU
+    memory between uses unless --encoders_on_device, so they never sit on the GPU beside the training state."""
     return load_encoders(
         model,
         args.pretrained_model_name_or_path,
@@ -188,6 +189,7 @@ def encoders_for(args: argparse.Namespace, model: EditModel, device: torch.devic
         dtype=dtype,
         revision=args.revision,
         max_sequence_length=text_length(args, model),
+        offload=not getattr(args, "encoders_on_device", False),
     )
 
 

@@ -25,6 +25,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def reduce_base(transformer: torch.nn.Module, option: str) -> None:
+    """Apply a memory option ("fp8" or "offload") to a transformer's frozen base, as the trainers do, on CPU."""
+    from argparse import Namespace
+
+    from common.base_weights import place_base_weights
+
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+    args = Namespace(base_precision="fp8" if option == "fp8" else "auto", offload_blocks=option == "offload")
+    place_base_weights(transformer, args, torch.device("cpu"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Path of a tiny random checkpoint in the hub layout of MODEL, written once per session."""
@@ -124,9 +136,10 @@ def check_matches_stock(outputs: list[torch.Tensor], stock, dtype: torch.dtype) 
 
 
 def check_lora_gradients(
-    transformer, backend, checkpointing, install, padded_forward, stock_single, batch, input_module
+    transformer, backend, checkpointing, install, padded_forward, stock_single, batch, input_module, base="auto"
 ):
     """Mixed-batch LoRA gradients equal the sum of per-sample stock gradients; padding gets exactly zero gradient.
+    `base`: "auto", or a memory option of `reduce_base` applied once the LoRA is added (both sides use it).
 
     `transformer` and `batch` are already on their device and dtype; LoRA weights are float32 as in training.
     fp32: relative error <= 1e-5 per LoRA tensor. bf16: relative error of all LoRA gradients together within the
@@ -137,6 +150,8 @@ def check_lora_gradients(
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     cast_training_params(transformer, torch.float32)
     randomize_lora(transformer)
+    if base != "auto":
+        reduce_base(transformer, base)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()

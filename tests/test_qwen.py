@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from conftest import backend_cases, check_backend_runs, check_lora_gradients, check_matches_stock, to_device
+from conftest import (
+    backend_cases,
+    check_backend_runs,
+    check_lora_gradients,
+    check_matches_stock,
+    reduce_base,
+    to_device,
+)
 from diffusers import QwenImageTransformer2DModel
 
 from common.attention import available_backends
@@ -126,3 +133,36 @@ def test_control_dropout_keeps_layout_and_equals_target_alone(transformer, backe
         }
         assert (out[i, : targets[i]] - stock_single(transformer, alone, i)).abs().max().item() <= 1e-5
     assert (out[2, : len(batch["hidden_states"][2])] - stock_single(transformer, batch, 2)).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("option", ["fp8", "offload"])
+def test_mixed_batch_on_a_reduced_base_matches_each_sample_alone(transformer, backend, option):
+    """--base_precision fp8 / --offload_blocks: the mixed batch equals the stock model with the same option."""
+    reduce_base(transformer, option)
+    stored = {m.weight.dtype for m in transformer.transformer_blocks.modules() if isinstance(m, torch.nn.Linear)}
+    assert stored == ({torch.float8_e4m3fn} if option == "fp8" else {torch.float32})
+    batch = make_batch(MIXED, TEXT_LENGTHS)
+    install_mixed(transformer, backend)
+    out = mixed_forward(transformer, **batch)
+    for i, o in enumerate(out):
+        assert (o - stock_single(transformer, batch, i)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("option", ["fp8", "offload"])
+def test_lora_gradients_on_a_reduced_base(transformer, option, checkpointing):
+    batch = make_batch(MIXED, TEXT_LENGTHS)
+    grads = check_lora_gradients(
+        transformer,
+        "split",
+        checkpointing,
+        install_mixed,
+        padded_forward,
+        stock_single,
+        batch,
+        transformer.img_in,
+        option,
+    )
+    assert len(grads) == 8 * transformer.config.num_layers

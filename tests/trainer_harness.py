@@ -267,8 +267,31 @@ class TrainerCases:
         assert cached.keys() == uncached.keys()
         assert all(torch.equal(cached[k], uncached[k]) for k in cached)
 
-    def test_resume_after_sigkill_is_bitwise_equal(self, kit, tmp_path):
+    def test_offloaded_blocks_train_the_same_lora(self, kit, cached_run, tmp_path):
+        """--offload_blocks end to end; on CPU the onload device is the CPU itself, and the LoRA is bitwise equal."""
+        argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *train_flags(tmp_path, "--export_comfyui")]
+        offloaded = lora(train_inprocess(self.MODEL, [*argv, "--offload_blocks"]))
+        check_run(tmp_path, steps=4, mixed=True)
+        plain = lora(cached_run[1])
+        assert plain.keys() == offloaded.keys()
+        assert all(torch.equal(plain[k], offloaded[k]) for k in plain)
+
+    def test_fp8_base_trains_a_lora_for_the_stock_pipeline(self, kit, cached_run, tmp_path):
+        """--base_precision fp8 end to end: a float32 LoRA in the same diffusers format that the stock (full
+        precision) pipeline loads, trained on a base that really was fp8 (so not bitwise the full-precision LoRA)."""
+        argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), *train_flags(tmp_path), "--base_precision", "fp8"]
+        fp8 = lora(train_inprocess(self.MODEL, argv))
+        check_run(tmp_path, steps=4, mixed=True)
+        plain = lora(cached_run[1])
+        assert fp8.keys() == plain.keys()
+        assert all(fp8[k].dtype == torch.float32 for k in fp8)
+        assert not all(torch.equal(plain[k], fp8[k]) for k in plain)
+        check_lora_changes_pipeline_output(self.MODEL, kit["checkpoint"], tmp_path)
+
+    @pytest.mark.parametrize("memory", [[], ["--base_precision", "fp8", "--offload_blocks"]], ids=["auto", "fp8"])
+    def test_resume_after_sigkill_is_bitwise_equal(self, kit, tmp_path, memory):
         argv = [*kit["flags"], "--cache_dir", str(kit["cache"]), "--max_train_steps", "6", "--control_dropout", "0.5"]
+        argv += memory
         run_process(self.MODEL, [*train_flags(tmp_path / "full"), *argv])
         killed = [*train_flags(tmp_path / "killed"), *argv]
         kill_after_first_checkpoint(self.MODEL, killed, tmp_path / "killed")
