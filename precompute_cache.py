@@ -14,9 +14,18 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from common.cache import CacheWriter, finalize_cache, save_tensors_atomic
-from common.cli import MODELS, add_data_args, add_model_args, resolution_policy
+from common.cli import (
+    MODELS,
+    add_data_args,
+    add_model_args,
+    add_output_args,
+    check_local_path,
+    check_ranges,
+    resolution_policy,
+)
 from common.data import BadSampleError, prepare_sample, read_rows
 from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, encode_row, load_encoders
+from common.errors import UserError, run_script
 from common.training_data import data_fingerprint
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
@@ -32,9 +41,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_sequence_length", type=int, default=DEFAULT_MAX_SEQUENCE_LENGTH, help="T5 tokens (FLUX)")
     parser.add_argument("--shard_size", type=int, default=32, help="rows per atomically written shard")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="encoder dtype")
+    add_output_args(parser)
     args = parser.parse_args(argv)
     if not args.dataset or not args.cache_dir:
-        raise ValueError("--dataset and --cache_dir are both required")
+        raise UserError("--dataset and --cache_dir are both required")
+    check_ranges(args)
+    check_local_path("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    resolution_policy(args, args.model)
     return args
 
 
@@ -99,4 +112,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(lambda: main(parse_args()))

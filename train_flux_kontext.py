@@ -24,6 +24,7 @@ from common import flux
 from common.attention import base_model
 from common.cli import add_data_args, add_model_args, add_training_args, check_training_args
 from common.demo import run
+from common.errors import run_script
 from common.training import NoisyBatch, Recipe
 
 MODEL = "flux_kontext"
@@ -98,4 +99,4 @@ RECIPE = Recipe(
 
 
 if __name__ == "__main__":
-    run(parse_args(), RECIPE)
+    run_script(lambda: run(parse_args(), RECIPE))

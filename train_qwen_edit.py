@@ -15,6 +15,7 @@ tokens appended after the target; `common.qwen.mixed_forward` gives every sample
 from diffusers import QwenImageEditPipeline
 
 from common.demo import run
+from common.errors import run_script
 from common.qwen_edit import parse_args, recipe
 
 MODEL = "qwen_edit"
@@ -22,4 +23,4 @@ MODEL = "qwen_edit"
 RECIPE = recipe(MODEL, QwenImageEditPipeline)
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.split("\n\n")[0]), RECIPE)
+    run_script(lambda: run(parse_args(__doc__.split("\n\n")[0]), RECIPE))

@@ -16,6 +16,7 @@ a batch), each one a "Picture k:" entry of the prompt at the condition size and 
 from diffusers import QwenImageEditPlusPipeline
 
 from common.demo import run
+from common.errors import run_script
 from common.qwen_edit import parse_args, recipe
 
 MODEL = "qwen_edit_plus"
@@ -23,4 +24,4 @@ MODEL = "qwen_edit_plus"
 RECIPE = recipe(MODEL, QwenImageEditPlusPipeline)
 
 if __name__ == "__main__":
-    run(parse_args(__doc__.split("\n\n")[0]), RECIPE)
+    run_script(lambda: run(parse_args(__doc__.split("\n\n")[0]), RECIPE))

@@ -48,6 +48,8 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from common.errors import UserError
+
 CACHE_VERSION = "2.0"
 LEGACY_VERSION = "1.0"
 INFO_FILE = "cache_info.json"
@@ -57,7 +59,7 @@ RESERVED_COLUMNS = ("index", "version", "skip_reason")
 SHARD_PATTERN = re.compile(r"shard-p(\d+)-(\d+)\.arrow")
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(UserError):
     """The cache was built with settings other than the requested ones."""
 
     def __init__(self, cache_dir: str | os.PathLike, differences: list[str]) -> None:
@@ -70,8 +72,12 @@ class FingerprintMismatch(ValueError):
         )
 
 
-class CacheNotFinished(RuntimeError):
+class CacheNotFinished(UserError, RuntimeError):
     """The cache directory holds no finalized cache (its writers were interrupted or never finalized)."""
+
+
+class CacheMissing(UserError, FileNotFoundError):
+    """There is no cache at the given directory."""
 
 
 def fingerprint_diff(cached: dict, requested: dict) -> list[str]:
@@ -365,7 +371,7 @@ def cache_info(cache_dir: str | os.PathLike) -> dict:
                 f"cache at {cache_dir} is unfinished (interrupted or not finalized): run the precompute again, "
                 "it resumes from the complete shards"
             )
-        raise FileNotFoundError(f"no cache at {cache_dir}")
+        raise CacheMissing(f"no cache at {cache_dir}")
     return info
 
 
@@ -402,7 +408,7 @@ def load_cache(
     if info["version"] == LEGACY_VERSION:
         return _load_legacy(cache_dir)
     if info["version"] != CACHE_VERSION:
-        raise ValueError(f"cache at {cache_dir} has unsupported version {info['version']!r}")
+        raise UserError(f"cache at {cache_dir} has unsupported version {info['version']!r}")
     parts = [datasets.Dataset.from_file(str(cache_dir / name)) for name in info["shards"]]
     dataset = datasets.concatenate_datasets(parts)
     skip = "skip_reason" in dataset.column_names

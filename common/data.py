@@ -33,6 +33,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import ImageOps
 
+from common.errors import UserError
 from common.resolution import MODEL_MULTIPLE, QWEN_EDIT_PLUS_CONDITION_AREA, ResizePlan, ResolutionPolicy, size_for_area
 
 if TYPE_CHECKING:
@@ -108,7 +109,7 @@ class PreparedSample:
     sources: dict[str, str]
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError):
     """A row that cannot be trained on (unreadable/missing image, missing caption, too many controls)."""
 
     def __init__(self, message: str, *, sample_id: str = "", path: str = "") -> None:
@@ -150,7 +151,7 @@ def read_rows(
             return _read_manifest(path, _jsonl_records(path), *columns)
         if suffix == ".csv":
             return _read_manifest(path, _csv_records(path), *columns)
-        raise ValueError(f"dataset {str(path)!r}: unsupported file type {suffix!r}; expected .jsonl or .csv")
+        raise UserError(f"dataset {str(path)!r}: unsupported file type {suffix!r}; expected .jsonl or .csv")
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             import datasets
@@ -165,13 +166,13 @@ def read_rows(
 def _read_hub(name: str, columns: tuple[str, str, str, str | None]) -> list[EditRow]:
     """Rows of a hub dataset (offline: only if it is in the local cache)."""
     if os.path.isabs(name) or name.startswith((".", "~")) or name.lower().endswith((".jsonl", ".csv")):
-        raise ValueError(f"dataset {name!r}: no such file or folder")
+        raise UserError(f"dataset {name!r}: no such file or folder")
     import datasets
 
     try:
         loaded = datasets.load_dataset(name)
     except Exception as error:  # any failure here means "not a usable hub dataset": say so, keep the cause
-        raise ValueError(f"dataset {name!r} is no local file or folder, and loading it from the hub failed") from error
+        raise UserError(f"dataset {name!r} is no local file or folder, and loading it from the hub failed") from error
     return _read_hf(loaded, name, Path.cwd(), *columns)
 
 
@@ -199,7 +200,7 @@ def _image_files(folder: Path) -> list[Path]:
 def _put(table: dict, key: Any, path: Path) -> None:
     """table[key] = path, refusing two files for one slot (e.g. x.png and x.jpg), which would be a silent guess."""
     if key in table:
-        raise ValueError(f"two files for the same image: {str(table[key])!r} and {str(path)!r}")
+        raise UserError(f"two files for the same image: {str(table[key])!r} and {str(path)!r}")
     table[key] = path
 
 
@@ -247,7 +248,7 @@ def _read_folder(folder: Path) -> list[EditRow]:
     """
     parsed = {path: _split_stem(path.stem) for path in _image_files(folder)}
     if not parsed:
-        raise ValueError(f"dataset {str(folder)!r}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
+        raise UserError(f"dataset {str(folder)!r}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
     targets = {base for base, role in parsed.values() if role == "image"}
     files: dict[tuple[str, str], Path] = {}
     for path, (base, role) in parsed.items():
@@ -265,7 +266,7 @@ def _single_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     """The one existing subfolder among `names` (several would be ambiguous), or None."""
     found = [root / n for n in names if (root / n).is_dir()]
     if len(found) > 1:
-        raise ValueError(f"dataset {str(root)!r}: use one of the folders {names}, not several")
+        raise UserError(f"dataset {str(root)!r}: use one of the folders {names}, not several")
     return found[0] if found else None
 
 
@@ -290,7 +291,7 @@ def _read_parallel(root: Path) -> list[EditRow]:
     masks = _stem_table(mask_dir) if mask_dir else {}
     stems = sorted(set(targets).union(*controls, masks))  # a control or mask without its target is a bad row
     if not stems:
-        raise ValueError(f"dataset {str(root)!r}: no images found in {str(target_dir)!r}")
+        raise UserError(f"dataset {str(root)!r}: no images found in {str(target_dir)!r}")
     rows = []
     for index, stem in enumerate(stems):
         row_controls = [table[stem] for table in controls if stem in table]
@@ -313,9 +314,9 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {error}") from error
+                raise UserError(f"{path}:{line_no}: invalid JSON: {error}") from error
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             records.append((line_no, record))
     return records
 
@@ -340,7 +341,7 @@ def _check_columns(where: str, present: Iterable[str], required: dict[str, str],
         required = {**required, "mask_column": mask_column}
     for flag, name in required.items():
         if name not in present:
-            raise ValueError(f"{where}: no column {name!r} (--{flag}); columns: {sorted(present)}")
+            raise UserError(f"{where}: no column {name!r} (--{flag}); columns: {sorted(present)}")
 
 
 def _manifest_controls(value: Any, where: str) -> list[str]:
@@ -353,11 +354,11 @@ def _manifest_controls(value: Any, where: str) -> list[str]:
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: control {text!r} is not a valid JSON list") from error
+                raise UserError(f"{where}: control {text!r} is not a valid JSON list") from error
         else:
             return [p.strip() for p in text.split(";") if p.strip()]
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise ValueError(f"{where}: control must be a path or a list of paths, got {value!r}")
+        raise UserError(f"{where}: control must be a path or a list of paths, got {value!r}")
     return [p for p in value if p.strip()]
 
 
@@ -373,7 +374,7 @@ def _manifest_path(record: dict[str, Any], key: str, base: Path, where: str) -> 
     if value is None or value == "":
         return None
     if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a path, got {value!r}")
+        raise UserError(f"{where}: {key!r} must be a path, got {value!r}")
     return _resolve(base, value)
 
 
@@ -420,7 +421,7 @@ def _read_manifest(
             )
         )
     if not rows:
-        raise ValueError(f"dataset {str(path)!r}: no rows")
+        raise UserError(f"dataset {str(path)!r}: no rows")
     return rows
 
 
@@ -436,7 +437,7 @@ def _hf_image(
         if value["bytes"] is not None:
             return DatasetImage(table, origin, index, column, item)
         return _resolve(base, value["path"]) if value["path"] else None
-    raise ValueError(f"dataset {origin!r}: column {column!r} holds {type(value).__name__}; expected images or paths")
+    raise UserError(f"dataset {origin!r}: column {column!r} holds {type(value).__name__}; expected images or paths")
 
 
 def _hf_where(source: ImageSource | None, sample_id: str, column: str, item: int | None = None) -> str:
@@ -454,7 +455,7 @@ def _single_split(loaded: datasets.Dataset | datasets.DatasetDict, origin: str) 
         return loaded["train"]
     if len(loaded) == 1:
         return next(iter(loaded.values()))
-    raise ValueError(f"dataset {origin!r} has splits {sorted(loaded)}; none is 'train', so which to use is unclear")
+    raise UserError(f"dataset {origin!r} has splits {sorted(loaded)}; none is 'train', so which to use is unclear")
 
 
 def _read_hf(
@@ -507,7 +508,7 @@ def _read_hf(
                 )
             )
     if not rows:
-        raise ValueError(f"dataset {origin!r}: no rows")
+        raise UserError(f"dataset {origin!r}: no rows")
     return rows
 
 

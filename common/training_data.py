@@ -40,6 +40,7 @@ from common.cache import (
 from common.cli import add_data_args, resolution_policy
 from common.data import EditRow, PreparedSample, prepare_all, prepare_sample, read_rows, source_hash, token_grid
 from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, Encoders, encode_row, load_encoders
+from common.errors import UserError
 from common.resolution import ResolutionPolicy
 
 
@@ -150,7 +151,7 @@ def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
     if model == "flux_kontext":
         name = cache_info(args.cache_dir)["extra"].get("empty_prompt")
         if name is None:
-            raise ValueError(f"cache at {args.cache_dir} holds no empty-prompt embedding: rebuild it (--rebuild_cache)")
+            raise UserError(f"cache at {args.cache_dir} holds no empty-prompt embedding: rebuild it (--rebuild_cache)")
         empty_prompt = load_file(Path(args.cache_dir) / name)
     return TrainingData(CachedRows(dataset), token_counts(dataset), empty_prompt, cached=True)
 
@@ -179,7 +180,7 @@ def _open_uncached(args: argparse.Namespace, model: str, device: torch.device, d
     if skipped:
         print(f"skipped {len(skipped)} bad sample(s):\n  " + "\n  ".join(reason for _, reason in skipped))
     if not checked:
-        raise ValueError(f"dataset {args.dataset!r}: no usable rows")
+        raise UserError(f"dataset {args.dataset!r}: no usable rows")
     encoders = encoders_for(args, model, device, dtype)
     empty_prompt = encoders.encode_prompt("") if encoders.is_flux else None
     rows = [row for row, _ in checked]
@@ -194,5 +195,5 @@ def open_training_data(args: argparse.Namespace, model: str, device: torch.devic
     if args.cache_dir:
         return _open_cached(args, model)
     if not args.dataset:
-        raise ValueError("give --dataset (encoded while training) or --cache_dir (a cache from precompute_cache.py)")
+        raise UserError("give --dataset (encoded while training) or --cache_dir (a cache from precompute_cache.py)")
     return _open_uncached(args, model, device, dtype)

@@ -36,10 +36,10 @@ from common.cli import resolution_policy
 from common.data import EditRow, PreparedSample, prepare_sample
 from common.encoders import Encoders, pack_latents
 from common.flow_matching import shift_mu
+from common.run_guard import VALIDATION_DIR
 from common.training import NoisyBatch, Recipe
 from common.training_data import encoders_for
 
-VALIDATION_DIR = "validation"
 MULTI_REFERENCE_MODELS = ("qwen_edit_plus", "qwen_edit_2511")
 
 
