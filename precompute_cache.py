@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from common.cache import CacheWriter, finalize_cache, save_tensors_atomic
+from common.cache import CacheWriter, finalize_cache, load_cache, save_tensors_atomic
 from common.cli import (
     MODELS,
     add_data_args,
@@ -23,10 +23,11 @@ from common.cli import (
     check_ranges,
     resolution_policy,
 )
-from common.data import BadSampleError, prepare_sample, read_rows
-from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, encode_row, load_encoders
-from common.errors import UserError, run_script
-from common.training_data import data_fingerprint
+from common.data import prepare_sample, read_rows
+from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, load_encoders
+from common.errors import UserError, configure_logging, run_script
+from common.training_data import cache_report, cache_row, data_fingerprint
+from common.validate import DataReport, validate_rows
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 
@@ -52,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    """Encode this process's share of the rows, then (main process) merge-check and finalize the cache."""
+    """Validate this process's share of the rows, encode the good ones, then (main process) finalize and report."""
+    configure_logging(args.quiet)
     accelerator = Accelerator()
     policy = resolution_policy(args, args.model)
     rows = read_rows(
@@ -73,6 +75,17 @@ def main(args: argparse.Namespace) -> None:
             shard_size=args.shard_size,
             rebuild=args.rebuild_cache and accelerator.is_main_process,
         )
+    done = writer.done_indices()
+    mine = [r for r in rows[accelerator.process_index :: accelerator.num_processes] if r.index not in done]
+    # Every row is checked against the model before any encoder loads or anything is written; all processes see
+    # every process's bad rows, so they stop (or skip) together.
+    checked, report = validate_rows(mine, args.model, policy, skip_bad_samples=True)
+    everyone = sum(gather_object([report]), DataReport())
+    if everyone.skipped and not args.skip_bad_samples:
+        raise UserError(f"{everyone.skipped[0][1]}; --skip_bad_samples skips bad rows and lists them")
+    if not done:
+        everyone.require_rows(f"dataset {args.dataset}")
+    bad = dict(report.skipped)
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     encoders = load_encoders(
         args.model,
@@ -82,21 +95,12 @@ def main(args: argparse.Namespace) -> None:
         revision=args.revision,
         max_sequence_length=args.max_sequence_length,
     )
-    done = writer.done_indices()
-    mine = [r for r in rows[accelerator.process_index :: accelerator.num_processes] if r.index not in done]
-    skipped = []
     with writer:
         for row in tqdm(mine, desc="encoding", disable=not accelerator.is_local_main_process):
-            try:
-                prepared = prepare_sample(row, args.model, policy)
-            except BadSampleError as error:
-                if not args.skip_bad_samples:
-                    raise
-                writer.skip(row.index, row.sample_id, str(error))
-                skipped.append(f"{row.sample_id}: {error}")
-                continue
-            writer.add(row.index, encode_row(encoders, prepared))
-    skipped = gather_object(skipped)
+            if row.sample_id in bad:
+                writer.skip(row.index, row.sample_id, bad[row.sample_id])
+            else:
+                writer.add(row.index, cache_row(encoders, prepare_sample(row, args.model, policy)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # FLUX text embeddings do not depend on the images, so one empty-prompt embedding serves caption dropout.
@@ -105,9 +109,7 @@ def main(args: argparse.Namespace) -> None:
             save_tensors_atomic(f"{args.cache_dir}/{EMPTY_PROMPT_FILE}", encoders.encode_prompt("", []))
             extra["empty_prompt"] = EMPTY_PROMPT_FILE
         finalize_cache(args.cache_dir, settings, len(rows), extra=extra)
-        if skipped:
-            print(f"skipped {len(skipped)} bad sample(s):\n  " + "\n  ".join(skipped))
-        print(f"cache written to {args.cache_dir}: {len(rows) - len(skipped)} rows")
+        cache_report(args.cache_dir, load_cache(args.cache_dir)).log(f"cache written to {args.cache_dir}")
     accelerator.end_training()
 
 

@@ -348,6 +348,8 @@ def finalize_cache(cache_dir: str | os.PathLike, fingerprint: dict, num_rows: in
         found = "; ".join(f"{len(v)} {k} (first {v[:10]})" for k, v in problems.items() if v)
         raise ValueError(f"cache at {cache_dir} does not hold rows 0..{num_rows - 1} exactly once: {found}")
     skipped = sorted((i, s, r) for i, s, r in entries if r is not None)
+    if len(skipped) == num_rows:
+        raise UserError(f"no usable rows: all {num_rows} rows were skipped (first: {skipped[0][2]})")
     _remove_temps(cache_dir)
     info = {
         "version": CACHE_VERSION,

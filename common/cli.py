@@ -184,9 +184,6 @@ def check_training_args(args: argparse.Namespace) -> None:
         raise UserError(f"--lr_scheduler {args.lr_scheduler!r}: expected one of {[s.value for s in SchedulerType]}")
     if not args.demo:
         check_local_path("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
-    for image in args.validation_images or []:
-        if not Path(image).expanduser().is_file():
-            raise UserError(f"--validation_images {image}: no such file")
     if args.validation_steps and not (args.validation_prompts and args.validation_images):
         raise UserError("--validation_steps needs --validation_prompts and --validation_images")
     if (

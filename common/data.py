@@ -42,6 +42,14 @@ if TYPE_CHECKING:
 # Models whose inputs prepare_sample knows; qwen_edit_2511 runs the Edit-Plus pipeline (common/encoders.py).
 MODELS = ("flux_kontext", "qwen_edit", "qwen_edit_plus", "qwen_edit_2511")
 _PLUS_MODELS = ("qwen_edit_plus", "qwen_edit_2511")
+# Most control images a row may have per model (None: any number): FluxKontextPipeline and QwenImageEditPipeline
+# condition on one image, the Edit-Plus pipeline on a list.
+MAX_CONTROLS: dict[str, int | None] = {
+    "flux_kontext": 1,
+    "qwen_edit": 1,
+    "qwen_edit_plus": None,
+    "qwen_edit_2511": None,
+}
 
 # Pixels per latent token side: FLUX and Qwen VAEs downsample 8x and both transformers patch 2x2 latents.
 TOKEN_PIXELS = 16
@@ -107,6 +115,12 @@ class PreparedSample:
     condition_images: list[PIL.Image.Image]  # what Qwen2.5-VL sees; empty for FLUX
     mask: torch.Tensor | None  # (H/16, W/16) float32 in [0, 1]: edit-mask share of each target token
     sources: dict[str, str]
+    crops: dict[str, float] = field(default_factory=dict)  # {"image", "control_k"}: share of the area cropped away
+
+    @property
+    def cropped(self) -> float:
+        """The largest share of an image's area this sample's crops removed (0 when nothing was cropped)."""
+        return max(self.crops.values(), default=0.0)
 
 
 class BadSampleError(UserError):
@@ -256,7 +270,12 @@ def _read_folder(folder: Path) -> list[EditRow]:
     rows = []
     for index, stem in enumerate(sorted({base for base, _ in files})):
         roles = {role: path for (base, role), path in files.items() if base == stem}
-        controls = [roles[r] for r in sorted((r for r in roles if r.startswith("control")), key=_control_key)]
+        numbered: dict[int, Path] = {}
+        for role in sorted((r for r in roles if r.startswith("control")), key=_control_key):
+            _put(numbered, max(_control_key(role), 0), roles[role])  # stem_control and stem_control_0 are one slot
+        # A gap (stem_control_1 without stem_control / stem_control_0) names the missing file: a bad row, not a
+        # row with fewer references.
+        controls = [numbered.get(k, folder / f"{stem}_control_{k}.png") for k in range(max(numbered, default=-1) + 1)]
         caption = folder / f"{stem}.txt"
         rows.append(_files_row(index, stem, roles["image"], controls, roles.get("mask"), caption))
     return rows
@@ -294,7 +313,11 @@ def _read_parallel(root: Path) -> list[EditRow]:
         raise UserError(f"dataset {str(root)!r}: no images found in {str(target_dir)!r}")
     rows = []
     for index, stem in enumerate(stems):
-        row_controls = [table[stem] for table in controls if stem in table]
+        # Every target needs its first control, later control folders may stop early; a missing file keeps its
+        # place (named, so the row is bad), never silently a row with fewer references.
+        present = [k for k, table in enumerate(controls) if stem in table]
+        count = max(present, default=0) + 1 if controls else 0
+        row_controls = [controls[k].get(stem, control_dirs[k] / f"{stem}.png") for k in range(count)]
         caption = target_dir / f"{stem}.txt"
         expected = target_dir / f"{stem}.png"  # what to name when the target is missing
         row = _files_row(
@@ -322,15 +345,34 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def _csv_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(first line number, row) of each CSV row; empty cells read as None."""
+    """(first line number, row) of each CSV row; empty cells read as None.
+
+    Malformed lines are errors naming file:line, never re-read as something else: a row with more or fewer cells
+    than the header, a duplicate or empty header name, an unclosed quote (csv strict mode), or a path cell that
+    spans lines (an unclosed quote swallowing the next rows).
+    """
     records = []
     with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        _ = reader.fieldnames  # reads the header, so line_num counts from it
-        start = reader.line_num + 1
-        for record in reader:
-            records.append((start, {k: (v if v != "" else None) for k, v in record.items()}))
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise UserError(f"{path}:1: empty CSV file, expected a header line")
+            header = [name.strip() for name in header]
+            if "" in header or len(set(header)) != len(header):
+                raise UserError(f"{path}:1: header names must be unique and non-empty, got {header}")
             start = reader.line_num + 1
+            for cells in reader:
+                where = f"{path}:{start}"
+                if not any(cell.strip() for cell in cells):
+                    start = reader.line_num + 1
+                    continue
+                if len(cells) != len(header):
+                    raise UserError(f"{where}: {len(cells)} cells, the header has {len(header)} ({header})")
+                records.append((start, {k: (v if v != "" else None) for k, v in zip(header, cells, strict=True)}))
+                start = reader.line_num + 1
+        except csv.Error as error:
+            raise UserError(f"{path}:{reader.line_num}: malformed CSV: {error}") from error
     return records
 
 
@@ -350,6 +392,8 @@ def _manifest_controls(value: Any, where: str) -> list[str]:
         return []
     if isinstance(value, str):
         text = value.strip()
+        if "\n" in text:
+            raise UserError(f"{where}: control {text!r} spans lines (an unclosed quote?)")
         if text.startswith("["):
             try:
                 value = json.loads(text)
@@ -373,17 +417,18 @@ def _manifest_path(record: dict[str, Any], key: str, base: Path, where: str) -> 
     value = record.get(key)
     if value is None or value == "":
         return None
-    if not isinstance(value, str):
+    if not isinstance(value, str) or "\n" in value:
         raise UserError(f"{where}: {key!r} must be a path, got {value!r}")
     return _resolve(base, value)
 
 
-def _caption_text(value: Any) -> str | None:
-    """Stripped caption, or None when missing or blank (an edit pair needs its instruction)."""
+def _caption_text(value: Any, where: str = "") -> str | None:
+    """Stripped caption, or None when missing or blank (an edit pair needs its instruction); not text is an error."""
     if value is None:
         return None
-    text = str(value).strip()
-    return text or None
+    if not isinstance(value, str):
+        raise UserError(f"{where}: the caption must be text, got {value!r}")
+    return value.strip() or None
 
 
 def _read_manifest(
@@ -415,7 +460,7 @@ def _read_manifest(
                 sample_id=f"{path.name}:{line_no}",
                 target=target,
                 controls=tuple(controls),
-                prompt=_caption_text(record.get(caption_column)),
+                prompt=_caption_text(record.get(caption_column), where),
                 mask=mask,
                 sources=sources,
             )
@@ -502,7 +547,7 @@ def _read_hf(
                     sample_id=sid,
                     target=target,
                     controls=tuple(controls),
-                    prompt=_caption_text(cells[caption_column][j]),
+                    prompt=_caption_text(cells[caption_column][j], f"{origin}[{i}]"),
                     mask=mask,
                     sources=sources,
                 )
@@ -545,9 +590,54 @@ def _open(source: ImageSource, row: EditRow, what: str) -> PIL.Image.Image:
         raise _bad(row, what, f"cannot read image: {error}") from error
 
 
+# Modes whose PIL conversion to RGB is right as it is (checked against reference conversions in the tests); the
+# alpha of LA/PA/RGBA is dropped, as diffusers' `load_image` does for the pipelines at inference.
+_PIL_RGB_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr", "LAB", "HSV")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image | str:
+    """8-bit RGB of an image in any mode PIL opens, or the reason it is refused (a value range we cannot know).
+
+    PIL's own `convert("RGB")` clips 16-bit images to white; they are scaled by 255/65535 instead. 32-bit integer
+    images are kept only when their values fit 0..255; float images are refused. CMYK with an embedded ICC profile
+    is converted by the profile (PIL's plain formula otherwise).
+    """
+    mode = image.mode
+    if mode in _PIL_RGB_MODES:
+        return image.convert("RGB")
+    if mode == "La":
+        return image.convert("LA").convert("RGB")
+    if mode == "CMYK":
+        profile = image.info.get("icc_profile")
+        if profile:
+            from PIL import ImageCms
+
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        return image.convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if mode == "I" and (values.min() < 0 or values.max() > 255):
+            return f"32-bit integer image (mode I) with values {values.min()}..{values.max()}: save it as 8 or 16 bit"
+        if mode != "I":
+            values = (values * 255 + 32767) // 65535  # round(v * 255 / 65535)
+        return PIL.Image.fromarray(values.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        return "floating-point image (mode F) has no known value range: save it as 8 or 16 bit"
+    return f"image mode {mode!r} is not supported: save it as 8 or 16 bit RGB or grayscale"
+
+
 def load_rgb(source: ImageSource, *, row: EditRow, what: str) -> PIL.Image.Image:
     """RGB, EXIF-transposed image of row.sources[what]; raises BadSampleError naming the row and file."""
-    return _open(source, row, what).convert("RGB")
+    image = _open(source, row, what)
+    converted = to_rgb(image)
+    if isinstance(converted, str):
+        raise _bad(row, what, converted)
+    width, height = converted.size
+    if min(width, height) < TOKEN_PIXELS:
+        raise _bad(row, what, f"image is {width}x{height}, smaller than one {TOKEN_PIXELS}-px latent token")
+    return converted
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -568,7 +658,10 @@ def _vae_input(image: PIL.Image.Image, plan: ResizePlan) -> tuple[torch.Tensor, 
 
 def _mask_grid(row: EditRow, target_size: tuple[int, int], plan: ResizePlan) -> torch.Tensor:
     """Share of each target token covered by the mask (white = edit), using the target's crop and size."""
-    mask = _open(row.mask, row, "mask").convert("L")
+    mask = to_rgb(_open(row.mask, row, "mask"))
+    if isinstance(mask, str):
+        raise _bad(row, "mask", mask)
+    mask = mask.convert("L")
     (tw, th), (mw, mh) = target_size, mask.size
     if abs(mw * th - mh * tw) > max(tw, th, mw, mh):  # proportional up to rounding: a scaled mask is fine
         raise _bad(row, "mask", f"mask is {mw}x{mh} but the image is {tw}x{th} (another aspect ratio)")
@@ -580,6 +673,12 @@ def _mask_grid(row: EditRow, target_size: tuple[int, int], plan: ResizePlan) -> 
     )
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
     return torch.nn.functional.avg_pool2d(pixels[None], TOKEN_PIXELS)[0]  # mean over each token's 16 x 16 pixels
+
+
+def _cropped_share(size: tuple[int, int], plan: ResizePlan) -> float:
+    """Share of an image's area that its plan's crop box removes."""
+    left, top, right, bottom = plan.crop_box
+    return 1.0 - (right - left) * (bottom - top) / (size[0] * size[1])
 
 
 def prepare_sample(row: EditRow, model: str, policy: ResolutionPolicy) -> PreparedSample:
@@ -596,17 +695,22 @@ def prepare_sample(row: EditRow, model: str, policy: ResolutionPolicy) -> Prepar
         raise _bad(row, "image", "target image is missing")
     if row.prompt is None:
         raise _bad(row, "caption", "caption is missing or empty")
-    if model == "qwen_edit" and len(row.controls) > 1:
-        raise _bad(row, "control_1", "Qwen-Image-Edit takes one control image; use qwen_edit_plus for several")
+    limit = MAX_CONTROLS[model]
+    if limit is not None and len(row.controls) > limit:
+        hint = "; use qwen_edit_plus for several" if model == "qwen_edit" else ""
+        reason = f"{model} takes {limit} control image, this row has {len(row.controls)}{hint}"
+        raise _bad(row, f"control_{limit}", reason)
 
     target_image = load_rgb(row.target, row=row, what="image")
     plan = policy.plan(*target_image.size)
     target, _ = _vae_input(target_image, plan)
+    crops = {"image": _cropped_share(target_image.size, plan)}
 
     controls, condition_images = [], []
     for k, source in enumerate(row.controls):
         image = load_rgb(source, row=row, what=f"control_{k}")
         control_plan = policy.plan(*image.size)
+        crops[f"control_{k}"] = _cropped_share(image.size, control_plan)
         tensor, resized = _vae_input(image, control_plan)
         controls.append(tensor)
         if model == "qwen_edit":
@@ -628,6 +732,7 @@ def prepare_sample(row: EditRow, model: str, policy: ResolutionPolicy) -> Prepar
         condition_images=condition_images,
         mask=mask,
         sources=dict(row.sources),
+        crops={what: share for what, share in crops.items() if share > 0},
     )
 
 

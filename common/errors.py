@@ -51,7 +51,7 @@ def configure_logging(quiet: bool = False) -> None:
 
     accelerate's `get_logger` adapters filter by process themselves, so main-process-only lines stay on rank 0.
     """
-    for name in ("common", "__main__"):
+    for name in ("common", "__main__", "precompute_cache"):
         logger = logging.getLogger(name)
         logger.setLevel(logging.WARNING if quiet else logging.INFO)
         if _HANDLER not in logger.handlers:

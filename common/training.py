@@ -280,6 +280,10 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
     # folder (another run's results, the checkpoint to resume), then the data (rows validated, or the cache checked).
     resume, run = start_run(args, run_identity(args, recipe.model, accelerator.num_processes))
     data = open_training_data(args, recipe.model, accelerator.device, weight_dtype)
+    if args.validation_steps:
+        from common.validation import validation_rows
+
+        validation_rows(args.validation_prompts, args.validation_images, recipe.model)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_run(output_dir, run)

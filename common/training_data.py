@@ -19,16 +19,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import torch
 from safetensors.torch import load_file
 
 from common.cache import (
+    INFO_FILE,
     CachedRows,
     CacheNotFinished,
     cache_info,
@@ -38,10 +39,11 @@ from common.cache import (
     unflatten_row,
 )
 from common.cli import add_data_args, resolution_policy
-from common.data import EditRow, PreparedSample, prepare_all, prepare_sample, read_rows, source_hash, token_grid
+from common.data import EditRow, PreparedSample, prepare_sample, read_rows, source_hash
 from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, Encoders, encode_row, load_encoders
 from common.errors import UserError
 from common.resolution import ResolutionPolicy
+from common.validate import CROP_REPORT_SHARE, DataReport, validate_rows
 
 
 @dataclass
@@ -68,8 +70,14 @@ class EncodedRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         """Row i encoded now, stored and read back as the cache would (bfloat16 becomes float32 there too)."""
         row = self.rows[i]
-        encoded = encode_row(self.encoders, prepare_sample(row, self.model, self.policy))
-        return unflatten_row(stored_row(row.index, encoded))
+        sample = prepare_sample(row, self.model, self.policy)
+        return unflatten_row(stored_row(row.index, cache_row(self.encoders, sample)))
+
+
+def cache_row(encoders: Encoders, sample: PreparedSample) -> dict:
+    """The row precompute_cache.py stores for a prepared sample (and the uncached data returns): the encoders'
+    outputs plus `cropped`, the largest share of one of its images the crop removed (for the data summary)."""
+    return {**encode_row(encoders, sample), "cropped": sample.cropped}
 
 
 def _read(args: argparse.Namespace) -> list[EditRow]:
@@ -81,11 +89,6 @@ def _read(args: argparse.Namespace) -> list[EditRow]:
         caption_column=args.caption_column,
         mask_column=args.mask_column,
     )
-
-
-def _tokens(sample: PreparedSample) -> int:
-    """Image tokens of a prepared sample: its target's and every control's latent token grid."""
-    return sum(math.prod(token_grid(*image.shape[1:])) for image in [sample.target, *sample.controls])
 
 
 def data_fingerprint(args: argparse.Namespace, model: str, rows: Sequence[EditRow] | None = None) -> dict:
@@ -153,7 +156,24 @@ def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
         if name is None:
             raise UserError(f"cache at {args.cache_dir} holds no empty-prompt embedding: rebuild it (--rebuild_cache)")
         empty_prompt = load_file(Path(args.cache_dir) / name)
+    cache_report(args.cache_dir, dataset).log(f"cache {args.cache_dir}")
     return TrainingData(CachedRows(dataset), token_counts(dataset), empty_prompt, cached=True)
+
+
+def cache_report(cache_dir: str, dataset: datasets.Dataset) -> DataReport:
+    """The data summary of a cache, from its info file and small columns (no tensor is read)."""
+    info = cache_info(cache_dir) if (Path(cache_dir) / INFO_FILE).exists() else {}
+    skipped = [(s["sample_id"], s["reason"]) for s in info.get("skipped", [])]
+    names = ["sample_id", "img_shapes"] + (["cropped"] if "cropped" in dataset.column_names else [])
+    columns = dataset.select_columns(names).to_dict()
+    ids = columns["sample_id"]
+    cropped = zip(ids, columns.get("cropped", [0.0] * len(dataset)), strict=True)
+    return DataReport(
+        rows=len(dataset) + len(skipped),
+        skipped=skipped,
+        without_control=[s for s, shapes in zip(ids, columns["img_shapes"], strict=True) if len(shapes) == 1],
+        cropped=[(s, share) for s, share in cropped if share > CROP_REPORT_SHARE],
+    )
 
 
 def encoders_for(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> Encoders:
@@ -169,22 +189,15 @@ def encoders_for(args: argparse.Namespace, model: str, device: torch.device, dty
 
 
 def _open_uncached(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> TrainingData:
-    """Rows of --dataset, validated now and encoded on access by `model`'s encoders on device/dtype."""
+    """Rows of --dataset, validated now (before any encoder loads) and encoded on access on device/dtype."""
     policy = resolution_policy(args, model)
-
-    def check(row: EditRow) -> tuple[EditRow, int]:
-        """The row and its token count, if it prepares; the decoded images are dropped right away."""
-        return row, _tokens(prepare_sample(row, model, policy))
-
-    checked, skipped = prepare_all(_read(args), check, skip_bad_samples=args.skip_bad_samples)
-    if skipped:
-        print(f"skipped {len(skipped)} bad sample(s):\n  " + "\n  ".join(reason for _, reason in skipped))
-    if not checked:
-        raise UserError(f"dataset {args.dataset!r}: no usable rows")
+    checked, report = validate_rows(_read(args), model, policy, skip_bad_samples=args.skip_bad_samples)
+    report.log(f"dataset {args.dataset}")
+    report.require_rows(f"dataset {args.dataset}")
     encoders = encoders_for(args, model, device, dtype)
     empty_prompt = encoders.encode_prompt("") if encoders.is_flux else None
-    rows = [row for row, _ in checked]
-    return TrainingData(EncodedRows(rows, model, policy, encoders), [n for _, n in checked], empty_prompt, cached=False)
+    dataset = EncodedRows([c.row for c in checked], model, policy, encoders)
+    return TrainingData(dataset, [c.tokens for c in checked], empty_prompt, cached=False)
 
 
 def open_training_data(args: argparse.Namespace, model: str, device: torch.device, dtype: torch.dtype) -> TrainingData:

@@ -33,14 +33,13 @@ from torch import Tensor, nn
 
 from common.attention import base_model
 from common.cli import resolution_policy
-from common.data import EditRow, PreparedSample, prepare_sample
+from common.data import MAX_CONTROLS, EditRow, PreparedSample, prepare_sample
 from common.encoders import Encoders, pack_latents
+from common.errors import UserError
 from common.flow_matching import shift_mu
 from common.run_guard import VALIDATION_DIR
 from common.training import NoisyBatch, Recipe
 from common.training_data import encoders_for
-
-MULTI_REFERENCE_MODELS = ("qwen_edit_plus", "qwen_edit_2511")
 
 
 @dataclass
@@ -62,9 +61,12 @@ def validation_rows(prompts: list[str], images: list[str], model: str) -> list[E
     for k, (prompt, entry) in enumerate(zip(prompts, images, strict=True)):
         paths = [p.strip() for p in entry.split(",") if p.strip()]
         if not paths:
-            raise ValueError(f"--validation_images entry {k} names no image")
-        if len(paths) > 1 and model not in MULTI_REFERENCE_MODELS:
-            raise ValueError(f"--validation_images entry {k}: {model} takes one control image, got {len(paths)}")
+            raise UserError(f"--validation_images entry {k} names no image")
+        limit = MAX_CONTROLS[model]
+        if limit is not None and len(paths) > limit:
+            raise UserError(f"--validation_images entry {k}: {model} takes {limit} control image, got {len(paths)}")
+        if missing := [p for p in paths if not Path(p).expanduser().is_file()]:
+            raise UserError(f"--validation_images entry {k}: no such file {missing[0]}")
         sources = {"image": paths[0], **{f"control_{j}": p for j, p in enumerate(paths)}}
         sources["caption"] = f"--validation_prompts[{k}]"
         rows.append(EditRow(k, f"validation[{k}]", paths[0], tuple(paths), prompt.strip() or None, None, sources))

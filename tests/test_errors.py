@@ -28,10 +28,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def audited_run(checkpoint, argv):
-    """(exit status, stderr lines) of train_flux_kontext.py with the audit hook on `checkpoint`."""
+def audited_run(checkpoint, argv, script="train_flux_kontext.py"):
+    """(exit status, stderr lines) of a script with the audit hook on `checkpoint`."""
     env = {**h.ENV, "PYTHONPATH": str(h.ROOT), "MODEL_DIR": str(checkpoint)}
-    script = str(h.ROOT / "train_flux_kontext.py")
+    script = str(h.ROOT / script)
     result = subprocess.run(
         [sys.executable, "-c", AUDITED, script, *argv], cwd=h.ROOT, env=env, capture_output=True, text=True
     )
@@ -124,3 +124,23 @@ def test_every_numeric_flag_has_a_range(setup, flag, value, message):
     _, _, flags = setup
     with pytest.raises(UserError, match=f"{flag}.*{message}" if flag != "--lr_scheduler" else message):
         train_flux_kontext.parse_args([*flags, flag, value])
+
+
+def test_precompute_refuses_rows_the_model_cannot_take_before_encoding_and_fails_on_no_usable_rows(setup, tmp_path):
+    """FLUX.1 Kontext takes one reference: rows with two are refused up front (not at the training step that draws
+    them); with --skip_bad_samples and every row bad, the run fails instead of reporting success with 0 rows."""
+    _, checkpoint, _ = setup
+    data = h.dataset(tmp_path, "qwen_edit_plus", rows=4)  # rows with 1, 2, 1, 0 controls
+    argv = ["--model", MODEL, *h.data_flags(MODEL, checkpoint, data), "--cache_dir", str(tmp_path / "cache")]
+    status, lines = audited_run(checkpoint, argv, "precompute_cache.py")
+    assert status == 2
+    error = user_error_lines(lines)
+    assert "bad sample '001': flux_kontext takes 1 control image, this row has 2" in error
+    assert f"control_1: {data / '001_control_1.png'}" in error and "--skip_bad_samples" in error
+    assert not list((tmp_path / "cache").glob("shard-*"))
+
+    for path in data.glob("*_control*.png"):
+        path.write_bytes(b"broken")
+    status, lines = audited_run(checkpoint, [*argv, "--skip_bad_samples"], "precompute_cache.py")
+    assert status == 2, "\n".join(lines[-20:])
+    assert "no usable rows (4 rows, 4 skipped; first: bad sample '000'" in user_error_lines(lines)

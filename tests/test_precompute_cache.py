@@ -104,12 +104,12 @@ def args_list(args) -> list[str]:
     ]
 
 
-def test_bad_image_names_row_and_file_or_is_skipped(tmp_path, tiny_checkpoint, capsys):
+def test_bad_image_names_row_and_file_or_is_skipped(tmp_path, tiny_checkpoint, caplog):
     dataset = write_folder(tmp_path / "data", corrupt="s2_control.png")
     with pytest.raises(ValueError, match=r"s2.*s2_control\.png"):
         run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache")
     run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache2", "--skip_bad_samples")
-    assert "skipped 1 bad sample(s)" in capsys.readouterr().out
+    assert "4 rows, 3 rows used, 1 skipped" in caplog.text and "skipped s2: bad sample 's2'" in caplog.text
     assert len(load_cache(tmp_path / "cache2")) == len(SIZES) - 1
     assert [s["sample_id"] for s in cache_info(tmp_path / "cache2")["skipped"]] == ["s2"]
 

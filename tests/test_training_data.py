@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 SIZES = [(96, 64), (64, 64), (48, 112), (80, 48), (64, 96), (112, 48)]
 # Keys of every item, cached or not; FLUX adds "pooled_prompt_embeds", Qwen "empty_prompt_embeds".
 ITEM_KEYS = {"index", "version", "sample_id", "sources", "img_shapes", "mask"}
-ITEM_KEYS |= {"target_latents", "control_latents", "prompt_embeds"}
+ITEM_KEYS |= {"target_latents", "control_latents", "prompt_embeds", "cropped"}
 
 
 def write_pairs(root: Path, controls: list[int], corrupt: str | None = None) -> Path:
@@ -105,7 +105,7 @@ def test_uncached_items_equal_cached_items(tmp_path, tiny_checkpoint, model, con
         assert all(e.shape[0] > t.shape[0] for e in with_images for t in text_only[:1])
 
 
-def test_uncached_bad_rows_raise_or_are_skipped_like_the_cache(tmp_path, tiny_checkpoint, capsys):
+def test_uncached_bad_rows_raise_or_are_skipped_like_the_cache(tmp_path, tiny_checkpoint, caplog):
     dataset = write_pairs(tmp_path / "data", [1, 1, 1, 0], corrupt="s1_control.png")
     checkpoint = tiny_checkpoint("flux_kontext")
     args = precompute("flux_kontext", checkpoint, dataset, tmp_path / "cache", "--skip_bad_samples")
@@ -113,11 +113,18 @@ def test_uncached_bad_rows_raise_or_are_skipped_like_the_cache(tmp_path, tiny_ch
     with pytest.raises(BadSampleError, match=r"'s1'.*s1_control\.png") as info:
         open_training_data(uncached, "flux_kontext", CPU, torch.float32)
     assert (info.value.sample_id, info.value.path) == ("s1", str(dataset / "s1_control.png"))
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level("INFO")
     skipped = open_training_data(flags(uncached, skip_bad_samples=True), "flux_kontext", CPU, torch.float32)
-    out = capsys.readouterr().out
-    assert "skipped 1 bad sample(s)" in out and str(dataset / "s1_control.png") in out
+    summary = "4 rows, 3 rows used, 1 skipped, 1 without control image, 0 cropped by more than 10% of an image"
+    assert f"dataset {dataset}: {summary}" in caplog.text
+    assert (
+        "skipped s1: bad sample 's1': cannot read image" in caplog.text
+        and str(dataset / "s1_control.png") in caplog.text
+    )
+    caplog.clear()
     cached = open_training_data(args, "flux_kontext", CPU, torch.float32)
+    assert f"cache {args.cache_dir}: {summary}" in caplog.text  # the same summary from the cache's own records
     assert [skipped.dataset[i]["sample_id"] for i in range(3)] == ["s0", "s2", "s3"]
     assert skipped.lengths == cached.lengths and len(skipped.dataset) == len(cached.dataset) == 3
     for i in range(3):
