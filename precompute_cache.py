@@ -10,6 +10,7 @@ import argparse
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
@@ -26,10 +27,11 @@ from common.cli import (
 from common.data import prepare_sample, read_rows
 from common.encoders import DEFAULT_MAX_SEQUENCE_LENGTH, load_encoders
 from common.errors import UserError, configure_logging, run_script
-from common.training_data import cache_report, cache_row, data_fingerprint
+from common.training_data import cache_report, cache_row, data_fingerprint, row_hashes
 from common.validate import DataReport, validate_rows
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +66,7 @@ def main(args: argparse.Namespace) -> None:
         caption_column=args.caption_column,
         mask_column=args.mask_column,
     )
-    settings = data_fingerprint(args, args.model, rows)
+    settings = data_fingerprint(args, args.model, encoder_dtype=args.mixed_precision)
     # Process 0 clears an old cache on --rebuild_cache before the others open theirs.
     with accelerator.main_process_first():
         writer = CacheWriter(
@@ -74,8 +76,10 @@ def main(args: argparse.Namespace) -> None:
             num_processes=accelerator.num_processes,
             shard_size=args.shard_size,
             rebuild=args.rebuild_cache and accelerator.is_main_process,
+            row_hashes=row_hashes(rows),
         )
     done = writer.done_indices()
+    logger.info(f"{len(done)} of {len(rows)} rows are already in the cache", main_process_only=True)
     mine = [r for r in rows[accelerator.process_index :: accelerator.num_processes] if r.index not in done]
     # Every row is checked against the model before any encoder loads or anything is written; all processes see
     # every process's bad rows, so they stop (or skip) together.
@@ -95,6 +99,8 @@ def main(args: argparse.Namespace) -> None:
         revision=args.revision,
         max_sequence_length=args.max_sequence_length,
     )
+    encode = [row for row in mine if row.sample_id not in bad]
+    logger.info(f"encoding {len(encode)} rows on this process", main_process_only=False)
     with writer:
         for row in tqdm(mine, desc="encoding", disable=not accelerator.is_local_main_process):
             if row.sample_id in bad:

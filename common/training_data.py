@@ -33,6 +33,7 @@ from common.cache import (
     CachedRows,
     CacheNotFinished,
     cache_info,
+    cached_row_hashes,
     load_cache,
     stored_row,
     token_counts,
@@ -91,30 +92,47 @@ def _read(args: argparse.Namespace) -> list[EditRow]:
     )
 
 
-def data_fingerprint(args: argparse.Namespace, model: str, rows: Sequence[EditRow] | None = None) -> dict:
-    """What every cached row of `model` depends on: model, preprocessing flags and, given rows, each source's content.
+def data_fingerprint(args: argparse.Namespace, model: str, encoder_dtype: str | None = None) -> dict:
+    """The settings every cached row of `model` depends on, by meaning: paths resolved, sizes parsed and reduced to
+    the mode that applies (so `--multi_resolutions 512*512 768x768` equals `589824 262144`).
 
     `args` holds the flags of `common.cli.add_model_args` / `add_data_args` (and optionally --max_sequence_length);
-    rows=None gives the settings alone, to check a cache when the dataset itself is not at hand.
+    `encoder_dtype` (precompute's --mixed_precision) is stored by the precompute; a trainer compares the settings it
+    knows. The rows' content is tracked per row (`row_hashes`), so data edits re-encode only the rows edited.
     """
-    max_sequence_length = getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH)
+    policy = resolution_policy(args, model)
+    fixed = policy.fixed_size is not None
+    path = Path(str(args.pretrained_model_name_or_path)).expanduser()
     settings = {
         "model": model,
-        "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
+        "pretrained_model_name_or_path": str(path.resolve()) if path.exists() else str(path),
         "revision": args.revision,
-        "resolution": args.resolution,
-        "multi_resolutions": args.multi_resolutions,
-        "target_area": args.target_area,
-        "max_aspect_ratio": args.max_aspect_ratio,
-        "max_sequence_length": max_sequence_length if model == "flux_kontext" else None,
+        "resolution": list(policy.fixed_size) if fixed else None,
+        "multi_resolutions": sorted(set(policy.multi_resolutions)) if policy.is_multi_resolution else None,
+        "target_area": None if fixed or policy.is_multi_resolution else policy.target_area,
+        "max_aspect_ratio": None if fixed else policy.max_aspect_ratio,
+        "max_sequence_length": (
+            getattr(args, "max_sequence_length", DEFAULT_MAX_SEQUENCE_LENGTH) if model == "flux_kontext" else None
+        ),
     }
-    if rows is None:
-        return settings
-    sources = hashlib.sha256()
+    if encoder_dtype is not None:
+        settings["encoder_dtype"] = encoder_dtype
+    return settings
+
+
+def row_hashes(rows: Sequence[EditRow]) -> list[str | None]:
+    """Content hash of each row (sample id, caption, bytes of every image); None when a file cannot be read (the
+    row is then bad and validation names the file)."""
+    hashes: list[str | None] = []
     for row in rows:
-        parts = [row.sample_id, row.prompt or ""] + [source_hash(s) for s in (row.target, *row.controls, row.mask) if s]
-        sources.update(json.dumps(parts).encode())
-    return {**settings, "rows": len(rows), "sources_sha256": sources.hexdigest()}
+        try:
+            parts = [row.sample_id, row.prompt or ""]
+            parts += [source_hash(s) if s else "" for s in (row.target, *row.controls, row.mask)]
+        except OSError:
+            hashes.append(None)
+            continue
+        hashes.append(hashlib.sha256(json.dumps(parts).encode()).hexdigest())
+    return hashes
 
 
 def precompute_command(args: argparse.Namespace, model: str) -> str:
@@ -142,14 +160,22 @@ def precompute_command(args: argparse.Namespace, model: str) -> str:
 
 
 def _open_cached(args: argparse.Namespace, model: str) -> TrainingData:
-    """The cache at --cache_dir, checked against the settings, and against the sources when --dataset is given."""
-    rows = _read(args) if args.dataset else None
-    requested = data_fingerprint(args, model, rows)
+    """The cache at --cache_dir, checked against the settings, and row by row against --dataset when given."""
     try:
-        dataset = load_cache(args.cache_dir, requested, subset=rows is None)
+        dataset = load_cache(args.cache_dir, data_fingerprint(args, model), subset=True)
     except (FileNotFoundError, CacheNotFinished) as error:
         message = f"{error}\nbuild it with precompute_cache.py:\n  {precompute_command(args, model)}"
         raise type(error)(message) from error
+    if args.dataset:
+        rows = _read(args)
+        cached = cached_row_hashes(args.cache_dir)
+        changed = [r.sample_id for r, h in zip(rows, row_hashes(rows), strict=True) if cached.get(r.index) != h]
+        if changed or len(cached) != len(rows):
+            raise UserError(
+                f"cache at {args.cache_dir} does not match --dataset {args.dataset}: {len(changed)} row(s) changed, "
+                f"{len(rows)} rows now vs {len(cached)} cached (first changed: {changed[:3]}); rerun the precompute "
+                f"with the same flags, it encodes only those rows: {precompute_command(args, model)}"
+            )
     empty_prompt = None
     if model == "flux_kontext":
         name = cache_info(args.cache_dir)["extra"].get("empty_prompt")
