@@ -391,6 +391,7 @@ def train(args: argparse.Namespace, recipe: Recipe) -> Path:
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
             save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit, run)
 
+    metrics.bar.close()
     accelerator.wait_for_everyone()
     lora_file = output_dir / LORA_FILE
     if accelerator.is_main_process:
