@@ -34,12 +34,18 @@ IDENTITY_FLAGS = (
     "dataset",
     "cache_dir",
 )
+PATH_FLAGS = ("pretrained_model_name_or_path", "dataset", "cache_dir")
 
 
 def run_identity(args: argparse.Namespace, model: str, num_processes: int) -> dict:
-    """The settings that make a checkpoint resumable by this run (see the module doc)."""
+    """The settings that make a checkpoint resumable by this run (see the module doc); local paths resolved, so
+    another spelling of the same folder is the same run."""
     identity = {"model": model, "num_processes": num_processes}
-    identity.update({flag: getattr(args, flag, None) for flag in IDENTITY_FLAGS})
+    for flag in IDENTITY_FLAGS:
+        value = getattr(args, flag, None)
+        if flag in PATH_FLAGS and value and Path(value).expanduser().exists():
+            value = str(Path(value).expanduser().resolve())
+        identity[flag] = value
     return json.loads(json.dumps(identity, default=str))
 
 
