@@ -64,7 +64,7 @@ def write_dataset(folder: Path, model: str, rows: int = 32) -> None:
             _scene(ref_size, COLOURS[before], seed=i if k == 0 else 1000 + i).save(folder / f"{i:03d}{suffix}.png")
 
 
-def _fresh_output_dir(parent: Path, model: str) -> Path:
+def fresh_output_dir(parent: Path, model: str) -> Path:
     """parent/model, or parent/model-2, -3, ... when earlier demo runs left their results there (never overwritten)."""
     folder, n = parent / model, 2
     while earlier_results(folder):
@@ -81,7 +81,7 @@ def prepare_demo(args: argparse.Namespace, model: str) -> None:
     args.pretrained_model_name_or_path = str(root / "model" / model)
     args.dataset = str(root / "data" / model)
     args.cache_dir = str(root / "cache" / model)
-    args.output_dir = str(_fresh_output_dir(root / "output", model))
+    args.output_dir = str(fresh_output_dir(root / "output", model))
     args.multi_resolutions = ["128*128", "192*192", "256*256"]
     args.max_train_steps, args.checkpointing_steps, args.train_batch_size = 30, 10, 4
     args.learning_rate, args.rank, args.lora_alpha = 1e-3, 4, 4.0
