@@ -10,17 +10,21 @@ import argparse
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from common.cache import CacheWriter, finalize_cache, save_tensors_atomic
-from common.cli import add_data_args, add_model_args, resolution_policy
-from common.data import BadSampleError, prepare_sample, read_rows
-from common.encoders import encode_row, load_encoders
+from common.cache import CacheWriter, finalize_cache, load_cache, save_tensors_atomic
+from common.cli import add_data_args, add_model_args, add_output_args, check_local_path, check_ranges, resolution_policy
+from common.data import prepare_sample, read_rows
+from common.encoders import load_encoders
+from common.errors import UserError, configure_logging, run_script
 from common.models import MODELS, get_model
-from common.training_data import data_fingerprint, text_length
+from common.training_data import cache_report, cache_row, data_fingerprint, row_hashes, text_length
+from common.validate import DataReport, validate_rows
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
+logger = get_logger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,14 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the encoders in CPU memory, onloading them block by block while encoding (for small GPUs)",
     )
+    add_output_args(parser)
     args = parser.parse_args(argv)
     if not args.dataset or not args.cache_dir:
-        raise ValueError("--dataset and --cache_dir are both required")
+        raise UserError("--dataset and --cache_dir are both required")
+    check_ranges(args)
+    check_local_path("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    resolution_policy(args, args.model)
     return args
 
 
 def main(args: argparse.Namespace) -> None:
-    """Encode this process's share of the rows, then (main process) merge-check and finalize the cache."""
+    """Validate this process's share of the rows, encode the good ones, then (main process) finalize and report."""
+    configure_logging(args.quiet)
     accelerator = Accelerator()
     model = get_model(args.model)
     policy = resolution_policy(args, model)
@@ -56,7 +65,7 @@ def main(args: argparse.Namespace) -> None:
         caption_column=args.caption_column,
         mask_column=args.mask_column,
     )
-    settings = data_fingerprint(args, model, rows)
+    settings = data_fingerprint(args, model, encoder_dtype=args.mixed_precision)
     # Process 0 clears an old cache on --rebuild_cache before the others open theirs.
     with accelerator.main_process_first():
         writer = CacheWriter(
@@ -66,7 +75,20 @@ def main(args: argparse.Namespace) -> None:
             num_processes=accelerator.num_processes,
             shard_size=args.shard_size,
             rebuild=args.rebuild_cache and accelerator.is_main_process,
+            row_hashes=row_hashes(rows),
         )
+    done = writer.done_indices()
+    logger.info(f"{len(done)} of {len(rows)} rows are already in the cache", main_process_only=True)
+    mine = [r for r in rows[accelerator.process_index :: accelerator.num_processes] if r.index not in done]
+    # Every row is checked against the model before any encoder loads or anything is written; all processes see
+    # every process's bad rows, so they stop (or skip) together.
+    checked, report = validate_rows(mine, model, policy, skip_bad_samples=True)
+    everyone = sum(gather_object([report]), DataReport())
+    if everyone.skipped and not args.skip_bad_samples:
+        raise UserError(f"{everyone.skipped[0][1]}; --skip_bad_samples skips bad rows and lists them")
+    if not done:
+        everyone.require_rows(f"dataset {args.dataset}")
+    bad = dict(report.skipped)
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     encoders = load_encoders(
         model,
@@ -77,21 +99,14 @@ def main(args: argparse.Namespace) -> None:
         max_sequence_length=text_length(args, model),
         offload=args.offload_encoders,
     )
-    done = writer.done_indices()
-    mine = [r for r in rows[accelerator.process_index :: accelerator.num_processes] if r.index not in done]
-    skipped = []
+    encode = [row for row in mine if row.sample_id not in bad]
+    logger.info(f"encoding {len(encode)} rows on this process", main_process_only=False)
     with writer:
         for row in tqdm(mine, desc="encoding", disable=not accelerator.is_local_main_process):
-            try:
-                prepared = prepare_sample(row, model, policy)
-            except BadSampleError as error:
-                if not args.skip_bad_samples:
-                    raise
-                writer.skip(row.index, row.sample_id, str(error))
-                skipped.append(f"{row.sample_id}: {error}")
-                continue
-            writer.add(row.index, encode_row(encoders, prepared))
-    skipped = gather_object(skipped)
+            if row.sample_id in bad:
+                writer.skip(row.index, row.sample_id, bad[row.sample_id])
+            else:
+                writer.add(row.index, cache_row(encoders, prepare_sample(row, model, policy)))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # Where text embeddings do not depend on the images, one empty-prompt embedding serves caption dropout.
@@ -100,11 +115,9 @@ def main(args: argparse.Namespace) -> None:
             save_tensors_atomic(f"{args.cache_dir}/{EMPTY_PROMPT_FILE}", encoders.encode_prompt("", []))
             extra["empty_prompt"] = EMPTY_PROMPT_FILE
         finalize_cache(args.cache_dir, settings, len(rows), extra=extra)
-        if skipped:
-            print(f"skipped {len(skipped)} bad sample(s):\n  " + "\n  ".join(skipped))
-        print(f"cache written to {args.cache_dir}: {len(rows) - len(skipped)} rows")
+        cache_report(args.cache_dir, load_cache(args.cache_dir)).log(f"cache written to {args.cache_dir}")
     accelerator.end_training()
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_script(lambda: main(parse_args()))

@@ -17,6 +17,7 @@ import argparse
 
 from common.cli import parse_training_args
 from common.demo import run
+from common.errors import run_script
 from common.models.qwen_edit import QWEN_EDIT
 
 MODEL = QWEN_EDIT
@@ -28,4 +29,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    run(parse_args(), MODEL)
+    run_script(lambda: run(parse_args(), MODEL))

@@ -18,6 +18,7 @@ import argparse
 
 from common.cli import parse_training_args
 from common.demo import run
+from common.errors import run_script
 from common.models.qwen_edit import QWEN_EDIT_PLUS
 
 MODEL = QWEN_EDIT_PLUS
@@ -29,4 +30,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    run(parse_args(), MODEL)
+    run_script(lambda: run(parse_args(), MODEL))

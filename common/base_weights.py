@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import Tensor, nn
 
+from common.errors import UserError
+
 BASE_PRECISIONS = ("auto", "fp8", "nf4", "int8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -57,12 +59,12 @@ def add_memory_args(parser: argparse.ArgumentParser) -> None:
 def check_memory_args(args: argparse.Namespace) -> None:
     """Refuse, in one line and before anything loads, what this machine or combination cannot do."""
     if args.base_precision in ("nf4", "int8") and not torch.cuda.is_available():
-        raise SystemExit(
-            f"error: --base_precision {args.base_precision} needs a CUDA GPU (bitsandbytes quantization through "
+        raise UserError(
+            f"--base_precision {args.base_precision} needs a CUDA GPU (bitsandbytes quantization through "
             "diffusers' BitsAndBytesConfig runs only on CUDA); use --base_precision fp8 on this machine"
         )
     if args.base_precision in ("nf4", "int8") and args.offload_blocks:
-        raise SystemExit("error: --offload_blocks works with --base_precision auto or fp8, not with nf4/int8")
+        raise UserError("--offload_blocks works with --base_precision auto or fp8, not with nf4/int8")
 
 
 def quantize_fp8(weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,15 @@ Layout of a cache directory (the directory belongs to the cache):
 - `shard-p{process:03d}-{counter:06d}.arrow`: Arrow IPC stream files, one per `shard_size` rows of one process,
   each written to a hidden `.{name}.{pid}.tmp` file in the same directory, fsynced and renamed into place, so a
   killed writer leaves either a complete shard or an ignored temp file;
-- `cache_info.json`: written by `finalize_cache` once every row is present; a cache without it is unfinished.
+- `skipped-p{process:03d}-{counter:06d}.arrow`: the rows that could not be cached (index, sample_id, reason);
+- each entry carries `row_hash`, the content hash of its source row: a rerun keeps rows whose hash is still in the
+  data set (re-indexed if rows were added or removed before them), drops the others and encodes only what is new,
+  edited, damaged or was bad (`CacheWriter(row_hashes=...)`);
+- `cache_info.json`: written by `finalize_cache` once every row is present (with each shard's row count, so a
+  truncated shard is named on load); a cache without it is unfinished;
+- `state.json` + `dataset_info.json`, also written by `finalize_cache`: `datasets.load_from_disk(cache_dir)`
+  opens the rows as they are stored (shard order; `index` gives the source order, `version` and `row_hash` are
+  columns). `load_cache` returns them in source order without the internal `row_hash`.
 
 Row encoding (`flatten_row` / `unflatten_row`), generic over the row's keys:
 
@@ -32,12 +40,14 @@ requested; load them with `fingerprint=None` to use them unverified.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -48,16 +58,22 @@ import torch
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from common.errors import UserError
+
 CACHE_VERSION = "2.0"
 LEGACY_VERSION = "1.0"
 INFO_FILE = "cache_info.json"
 FINGERPRINT_FILE = "fingerprint.json"
 SHAPE, SHAPES, JSON = "__shape", "__shapes", "__json"
-RESERVED_COLUMNS = ("index", "version", "skip_reason")
-SHARD_PATTERN = re.compile(r"shard-p(\d+)-(\d+)\.arrow")
+RESERVED_COLUMNS = ("index", "version", "skip_reason", "row_hash")
+SHARD_PATTERN = re.compile(r"shard-p(\d+)-(\d+)\.arrow")  # cached rows
+SKIPPED_PATTERN = re.compile(r"skipped-p(\d+)-(\d+)\.arrow")  # rows that could not be cached, with the reason
+# Written by finalize_cache so that `datasets.load_from_disk(cache_dir)` opens the cached rows (module doc).
+DATASETS_FILES = (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASET_INFO_FILENAME)
+logger = logging.getLogger(__name__)
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(UserError):
     """The cache was built with settings other than the requested ones."""
 
     def __init__(self, cache_dir: str | os.PathLike, differences: list[str]) -> None:
@@ -70,8 +86,24 @@ class FingerprintMismatch(ValueError):
         )
 
 
-class CacheNotFinished(RuntimeError):
+class CacheNotFinished(UserError, RuntimeError):
     """The cache directory holds no finalized cache (its writers were interrupted or never finalized)."""
+
+
+class CacheMissing(UserError, FileNotFoundError):
+    """There is no cache at the given directory."""
+
+
+class DamagedShard(UserError):
+    """A shard file of the cache is missing, truncated or unreadable; rerunning the precompute repairs it."""
+
+    def __init__(self, path: Path, cause: str) -> None:
+        """Name the file and what is wrong with it."""
+        self.path, self.cause = path, cause
+        super().__init__(
+            f"cache shard {path} is damaged ({cause}): rerun precompute_cache.py with the same flags, it encodes "
+            "only the rows of the damaged shard again"
+        )
 
 
 def fingerprint_diff(cached: dict, requested: dict) -> list[str]:
@@ -200,24 +232,73 @@ def save_tensors_atomic(path: str | os.PathLike, tensors: dict[str, Tensor]) -> 
         f.write(data)
 
 
-def _shards(cache_dir: Path) -> list[Path]:
-    """Complete shard files of a cache directory, by process then counter."""
-    return sorted(p for p in cache_dir.iterdir() if SHARD_PATTERN.fullmatch(p.name))
+def _shards(cache_dir: Path, pattern: re.Pattern = SHARD_PATTERN) -> list[Path]:
+    """Complete shard files of a cache directory (of cached rows, or with SKIPPED_PATTERN of skipped ones)."""
+    return sorted(p for p in cache_dir.iterdir() if pattern.fullmatch(p.name))
 
 
 def _read_shard(path: Path) -> pa.Table:
-    """Memory-mapped Arrow table of one shard."""
-    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    """Memory-mapped Arrow table of one shard; DamagedShard naming it if it cannot be read."""
+    try:
+        return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+    except (OSError, pa.ArrowException) as error:
+        raise DamagedShard(path, str(error) or type(error).__name__) from error
 
 
-def _shard_entries(cache_dir: Path) -> list[tuple[int, str, str | None]]:
-    """(index, sample_id, skip reason or None) of every row in the complete shards."""
+def _column(table: pa.Table, name: str) -> list:
+    """A column as Python values, None for every row when the shard has no such column."""
+    return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def _shard_entries(cache_dir: Path) -> list[tuple[int, str, str | None, str | None]]:
+    """(index, sample_id, skip reason or None, row hash or None) of every entry in the complete shards."""
     entries = []
-    for path in _shards(cache_dir):
+    for path in _shards(cache_dir) + _shards(cache_dir, SKIPPED_PATTERN):
         table = _read_shard(path)
-        reasons = table["skip_reason"] if "skip_reason" in table.column_names else pa.nulls(table.num_rows)
-        entries += zip(table["index"].to_pylist(), table["sample_id"].to_pylist(), reasons.to_pylist(), strict=True)
+        columns = [_column(table, name) for name in ("index", "sample_id", "skip_reason", "row_hash")]
+        entries += zip(*columns, strict=True)
     return entries
+
+
+def _write_shard(path: Path, table: pa.Table) -> None:
+    """Write `table` as an Arrow IPC stream file at `path`, atomically."""
+    with _atomic_file(path) as f, pa.ipc.new_stream(f, table.schema) as stream:
+        stream.write_table(table)
+
+
+def _reconcile(cache_dir: Path, row_hashes: Sequence[str | None]) -> None:
+    """Keep each cached row whose content hash is still in the data set, under its new index; drop the rest.
+
+    Shards are rewritten (Arrow copies, nothing is encoded) only when a row of theirs moved or went away; damaged
+    shards are removed with a warning and skipped rows are forgotten, so the writer encodes (or checks again)
+    exactly the rows that are new, edited, damaged or were bad.
+    """
+    wanted: dict[str, list[int]] = {}
+    for index, row_hash in enumerate(row_hashes):
+        if row_hash is not None:
+            wanted.setdefault(row_hash, []).append(index)
+    for path in _shards(cache_dir, SKIPPED_PATTERN):
+        path.unlink()
+    for path in _shards(cache_dir):
+        try:
+            table = _read_shard(path)
+        except DamagedShard as error:
+            logger.warning(f"{error.path} is damaged ({error.cause}); its rows are encoded again")
+            path.unlink()
+            continue
+        keep, new_index = [], []
+        for j, row_hash in enumerate(_column(table, "row_hash")):
+            if wanted.get(row_hash):  # still in the data set, and not yet kept from another shard
+                keep.append(j)
+                new_index.append(wanted[row_hash].pop(0))
+        if len(keep) == table.num_rows and new_index == _column(table, "index"):
+            continue
+        if not keep:
+            path.unlink()
+            continue
+        table = table.take(keep)
+        position = table.schema.get_field_index("index")
+        _write_shard(path, table.set_column(position, "index", pa.array(new_index, table.schema.field("index").type)))
 
 
 def _remove_temps(cache_dir: Path, prefix: str = ".") -> None:
@@ -243,8 +324,14 @@ class CacheWriter:
         num_processes: int = 1,
         shard_size: int = 32,
         rebuild: bool = False,
+        row_hashes: Sequence[str | None] | None = None,
     ) -> None:
-        """Open (or create, or with rebuild=True on process 0 empty) a cache for `fingerprint`."""
+        """Open (or create, or with rebuild=True on process 0 empty) a cache for `fingerprint`.
+
+        `row_hashes[i]`: content hash of source row i (None if it cannot be read), stored with each row; given on
+        process 0, cached rows whose hash is gone are dropped and the others re-indexed (`_reconcile`), so only new,
+        edited or damaged rows are encoded again.
+        """
         if not 0 <= process_index < num_processes or shard_size < 1:
             raise ValueError(f"bad writer settings: process {process_index} of {num_processes}, shard {shard_size}")
         self.cache_dir = Path(cache_dir)
@@ -252,9 +339,12 @@ class CacheWriter:
         self.fingerprint = _as_json(fingerprint)
         self.process_index, self.num_processes, self.shard_size = process_index, num_processes, shard_size
         fingerprint_path = self.cache_dir / FINGERPRINT_FILE
+        self.row_hashes = row_hashes
+        finished = [self.cache_dir / name for name in (INFO_FILE, *DATASETS_FILES)]
         if process_index == 0 and rebuild:
-            for path in [*_shards(self.cache_dir), self.cache_dir / INFO_FILE, fingerprint_path]:
+            for path in [*_shards(self.cache_dir), *_shards(self.cache_dir, SKIPPED_PATTERN), *finished]:
                 path.unlink(missing_ok=True)
+            fingerprint_path.unlink(missing_ok=True)
             _remove_temps(self.cache_dir)
         stored = _read_json(fingerprint_path)
         if stored is None:
@@ -262,24 +352,34 @@ class CacheWriter:
         elif differences := fingerprint_diff(stored, self.fingerprint):
             raise FingerprintMismatch(self.cache_dir, differences)
         if process_index == 0:
-            (self.cache_dir / INFO_FILE).unlink(missing_ok=True)
+            for path in finished:  # unfinished from here until finalize_cache
+                path.unlink(missing_ok=True)
+            if row_hashes is not None:
+                _reconcile(self.cache_dir, row_hashes)
         _remove_temps(self.cache_dir, f".shard-p{process_index:03d}-")
+        _remove_temps(self.cache_dir, f".skipped-p{process_index:03d}-")
         own = [SHARD_PATTERN.fullmatch(p.name) for p in _shards(self.cache_dir)]
+        own += [SKIPPED_PATTERN.fullmatch(p.name) for p in _shards(self.cache_dir, SKIPPED_PATTERN)]
         self._counter = max((int(m[2]) + 1 for m in own if int(m[1]) == process_index), default=0)
         self._seen = self.done_indices()
         self._buffer: list[dict] = []
 
     def done_indices(self) -> set[int]:
         """Indices (rows and skipped samples) already in complete shards of this cache, from any process."""
-        return {index for index, _, _ in _shard_entries(self.cache_dir)}
+        return {entry[0] for entry in _shard_entries(self.cache_dir)}
+
+    def _hash(self, index: int) -> dict:
+        """{"row_hash": ...} of row `index` when the writer knows the rows' hashes."""
+        return {} if self.row_hashes is None else {"row_hash": self.row_hashes[index]}
 
     def add(self, index: int, row: dict) -> None:
         """Buffer row `index` (it needs a str "sample_id"); a full buffer is written as one shard."""
-        self._append(stored_row(index, row))
+        self._append({**stored_row(index, row), **self._hash(index)})
 
     def skip(self, index: int, sample_id: str, reason: str) -> None:
         """Record that sample `index` has no row (e.g. an unreadable image); finalize_cache lists it."""
-        self._append({"index": index, "version": CACHE_VERSION, "sample_id": sample_id, "skip_reason": reason})
+        entry = {"index": index, "version": CACHE_VERSION, "sample_id": sample_id, "skip_reason": reason}
+        self._append({**entry, **self._hash(index)})
 
     def _append(self, entry: dict) -> None:
         """Buffer one entry after checking it belongs to this process and is new."""
@@ -297,11 +397,15 @@ class CacheWriter:
         """Write the buffered entries as the next shard of this process, atomically."""
         if not self._buffer:
             return
-        names = dict.fromkeys(name for entry in self._buffer for name in entry)
-        table = pa.table({name: pa.array([entry.get(name) for entry in self._buffer]) for name in names})
-        path = self.cache_dir / f"shard-p{self.process_index:03d}-{self._counter:06d}.arrow"
-        with _atomic_file(path) as f, pa.ipc.new_stream(f, table.schema) as stream:
-            stream.write_table(table)
+        # Cached and skipped rows go to separate files, so the shards hold only rows (`datasets.load_from_disk`).
+        for kind, entries in (
+            ("shard", [e for e in self._buffer if "skip_reason" not in e]),
+            ("skipped", [e for e in self._buffer if "skip_reason" in e]),
+        ):
+            if entries:
+                names = dict.fromkeys(name for entry in entries for name in entry)
+                table = pa.table({name: pa.array([entry.get(name) for entry in entries]) for name in names})
+                _write_shard(self.cache_dir / f"{kind}-p{self.process_index:03d}-{self._counter:06d}.arrow", table)
         self._counter += 1
         self._buffer = []
 
@@ -332,7 +436,7 @@ def finalize_cache(cache_dir: str | os.PathLike, fingerprint: dict, num_rows: in
     if num_rows < 1:
         raise ValueError(f"a cache needs at least one source sample, got num_rows={num_rows}")
     entries = _shard_entries(cache_dir)
-    counts = Counter(index for index, _, _ in entries)
+    counts = Counter(entry[0] for entry in entries)
     problems = {
         "missing": [i for i in range(num_rows) if i not in counts],
         "duplicated": sorted(i for i, n in counts.items() if n > 1),
@@ -341,7 +445,9 @@ def finalize_cache(cache_dir: str | os.PathLike, fingerprint: dict, num_rows: in
     if any(problems.values()):
         found = "; ".join(f"{len(v)} {k} (first {v[:10]})" for k, v in problems.items() if v)
         raise ValueError(f"cache at {cache_dir} does not hold rows 0..{num_rows - 1} exactly once: {found}")
-    skipped = sorted((i, s, r) for i, s, r in entries if r is not None)
+    skipped = sorted((i, s, r) for i, s, r, _ in entries if r is not None)
+    if len(skipped) == num_rows:
+        raise UserError(f"no usable rows: all {num_rows} rows were skipped (first: {skipped[0][2]})")
     _remove_temps(cache_dir)
     info = {
         "version": CACHE_VERSION,
@@ -350,9 +456,26 @@ def finalize_cache(cache_dir: str | os.PathLike, fingerprint: dict, num_rows: in
         "num_cached": num_rows - len(skipped),
         "skipped": [{"index": i, "sample_id": s, "reason": r} for i, s, r in skipped],
         "shards": [p.name for p in _shards(cache_dir)],
+        "shard_rows": {p.name: _read_shard(p).num_rows for p in _shards(cache_dir)},
         "extra": _as_json(extra or {}),
     }
+    _write_datasets_state(cache_dir, info["shards"])
     _write_json(cache_dir / INFO_FILE, info)
+
+
+def _write_datasets_state(cache_dir: Path, shards: list[str]) -> None:
+    """The two files `datasets.load_from_disk` reads, listing the row shards (rows in shard order, with `index`)."""
+    state = {
+        "_data_files": [{"filename": name} for name in shards],
+        "_fingerprint": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    _write_json(cache_dir / datasets.config.DATASET_STATE_JSON_FILENAME, state)
+    _write_json(cache_dir / datasets.config.DATASET_INFO_FILENAME, {"description": "precompute_cache.py rows"})
 
 
 def cache_info(cache_dir: str | os.PathLike) -> dict:
@@ -365,7 +488,7 @@ def cache_info(cache_dir: str | os.PathLike) -> dict:
                 f"cache at {cache_dir} is unfinished (interrupted or not finalized): run the precompute again, "
                 "it resumes from the complete shards"
             )
-        raise FileNotFoundError(f"no cache at {cache_dir}")
+        raise CacheMissing(f"no cache at {cache_dir}")
     return info
 
 
@@ -410,14 +533,31 @@ def load_cache(
     if info["version"] == LEGACY_VERSION:
         return _load_legacy(cache_dir)
     if info["version"] != CACHE_VERSION:
-        raise ValueError(f"cache at {cache_dir} has unsupported version {info['version']!r}")
-    parts = [datasets.Dataset.from_file(str(cache_dir / name)) for name in info["shards"]]
-    dataset = datasets.concatenate_datasets(parts)
-    skip = "skip_reason" in dataset.column_names
+        raise UserError(f"cache at {cache_dir} has unsupported version {info['version']!r}")
+    dataset = datasets.concatenate_datasets([_open_shard(cache_dir / name, info) for name in info["shards"]])
+    skip = "skip_reason" in dataset.column_names  # caches written before skipped rows had files of their own
     meta = _columns(dataset, ["index", "skip_reason"] if skip else ["index"])
     keep = np.flatnonzero(meta["skip_reason"].is_null().to_numpy()) if skip else np.arange(len(dataset))
     dataset = _sorted_rows(dataset, meta["index"].to_numpy(), keep)
-    return dataset.remove_columns("skip_reason") if skip else dataset
+    internal = [name for name in ("skip_reason", "row_hash") if name in dataset.column_names]
+    return dataset.remove_columns(internal) if internal else dataset
+
+
+def _open_shard(path: Path, info: dict) -> datasets.Dataset:
+    """One shard as a memory-mapped dataset; DamagedShard if it is missing, unreadable or shorter than written."""
+    try:
+        part = datasets.Dataset.from_file(str(path))
+    except (OSError, pa.ArrowException) as error:
+        raise DamagedShard(path, str(error) or type(error).__name__) from error
+    expected = info.get("shard_rows", {}).get(path.name)
+    if expected is not None and len(part) != expected:
+        raise DamagedShard(path, f"{len(part)} rows, {expected} were written")
+    return part
+
+
+def cached_row_hashes(cache_dir: str | os.PathLike) -> dict[int, str | None]:
+    """Content hash of each source row the cache holds or skipped, by source index (None where not recorded)."""
+    return {index: row_hash for index, _, _, row_hash in _shard_entries(Path(cache_dir))}
 
 
 def _load_legacy(cache_dir: Path) -> datasets.Dataset:

@@ -6,14 +6,19 @@ A checkpoint is written to a hidden temporary folder and renamed once every proc
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import gather_object
 
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
+RUN_FILE = "run.json"  # the run record of common.run_guard, also kept in each checkpoint
+logger = get_logger(__name__)
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -49,23 +54,53 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from_checkpoint: str | 
 
 
 def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | os.PathLike, step: int, total_limit: int | None
-) -> Path:
-    """Save the full training state after `step` (every process calls this); keep at most `total_limit` of them."""
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    total_limit: int | None,
+    run: dict | None = None,
+) -> Path | None:
+    """Save the full training state after `step` (every process calls this); keep at most `total_limit` of them.
+
+    `run` (the run record of `common.run_guard`) is stored in the checkpoint as run.json. A write that fails on any
+    process (disk full, permission: OSError, or torch's RuntimeError from a failed write) leaves the earlier
+    checkpoints as they were, removes the partial one, logs why and returns None, so training goes on.
+    """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit is not None:
-            for old in checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+    error = None
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process and run is not None:
+            (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
+    except (OSError, RuntimeError) as caught:
+        error = caught
+    errors = [e for e in gather_object([None if error is None else f"{type(error).__name__}: {error}"]) if e]
+    if not errors and accelerator.is_main_process:
+        try:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as caught:
+            errors.append(f"{type(caught).__name__}: {caught}")
+    if errors:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = [p.name for p in checkpoints(output_dir)]
+            logger.warning(
+                f"could not write checkpoint-{step} ({errors[0]}); "
+                f"{'earlier checkpoints ' + ', '.join(kept) + ' are' if kept else 'no earlier checkpoint is'} "
+                "untouched; training continues",
+                main_process_only=True,
+            )
+        accelerator.wait_for_everyone()
+        return None
+    if accelerator.is_main_process and total_limit is not None:
+        for old in checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

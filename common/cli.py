@@ -1,10 +1,16 @@
 """Command-line flags shared by `precompute_cache.py` and the training scripts, defined once with the same names."""
 
 import argparse
+import math
+import os
 import sys
 from functools import partial
+from pathlib import Path
+
+from diffusers.optimization import SchedulerType
 
 from common.base_weights import add_memory_args, check_memory_args
+from common.errors import UserError
 from common.flow_matching import TIMESTEP_SAMPLING
 from common.models import EditModel, get_model
 from common.resolution import ResolutionPolicy, parse_resolution, size_for_area
@@ -61,25 +67,92 @@ def resolution_policy(args: argparse.Namespace, model: EditModel | str) -> Resol
     fixed = None
     if args.resolution:
         width, _, height = args.resolution.lower().partition("x")
-        if not (width.isdecimal() and height.isdecimal()):
-            raise ValueError(f"--resolution must look like 1024x768, got {args.resolution!r}")
+        if not (width.isdecimal() and height.isdecimal() and int(width) > 0 and int(height) > 0):
+            raise UserError(f"--resolution must look like 1024x768, got {args.resolution!r}")
         fixed = (int(width), int(height))
     control = getattr(args, "control_resolution", "target")
-    if control == "target":
-        control_size = None
-    elif control == "pipeline":
-        control_size = model.inference_reference_size
-    else:
-        control_size = partial(
-            size_for_area, area=parse_resolution(control), multiple=model.multiple, rounding=model.rounding
+    try:
+        if control == "target":
+            control_size = None
+        elif control == "pipeline":
+            control_size = model.inference_reference_size
+        else:
+            control_size = partial(
+                size_for_area, area=parse_resolution(control), multiple=model.multiple, rounding=model.rounding
+            )
+        return model.policy(
+            fixed_size=fixed,
+            multi_resolutions=args.multi_resolutions,
+            target_area=args.target_area,
+            max_aspect_ratio=args.max_aspect_ratio,
+            control_size=control_size,
         )
-    return model.policy(
-        fixed_size=fixed,
-        multi_resolutions=args.multi_resolutions,
-        target_area=args.target_area,
-        max_aspect_ratio=args.max_aspect_ratio,
-        control_size=control_size,
-    )
+    except ValueError as error:  # a malformed size flag: name it as the user typed it
+        flags = "--resolution/--multi_resolutions/--target_area/--max_aspect_ratio/--control_resolution"
+        raise UserError(f"size flags ({flags}): {error}") from error
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """--quiet, shared by every script (INFO lines are shown by default)."""
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors, no INFO lines")
+
+
+# Valid range of every numeric flag: (low, high, low excluded, high excluded); None = unbounded. Flags a script
+# does not define are not checked.
+FLAG_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "seed": (0, 2**32 - 1, False, False),  # numpy's seed range (set_seed seeds numpy too)
+    "train_batch_size": (1, None, False, False),
+    "gradient_accumulation_steps": (1, None, False, False),
+    "max_train_steps": (1, None, False, False),
+    "checkpointing_steps": (1, None, False, False),
+    "checkpoints_total_limit": (1, None, False, False),
+    "validation_steps": (1, None, False, False),
+    "validation_inference_steps": (1, None, False, False),
+    "learning_rate": (0, None, True, False),
+    "lr_warmup_steps": (0, None, False, False),
+    "adam_beta1": (0, 1, False, True),
+    "adam_beta2": (0, 1, False, True),
+    "adam_weight_decay": (0, None, False, False),
+    "adam_epsilon": (0, None, True, False),
+    "max_grad_norm": (0, None, True, False),
+    "dataloader_num_workers": (0, None, False, False),
+    "rank": (1, None, False, False),
+    "lora_alpha": (0, None, True, False),
+    "logit_mean": (None, None, False, False),
+    "logit_std": (0, None, True, False),
+    "sigmoid_scale": (0, None, True, False),
+    "caption_dropout": (0, 1, False, False),
+    "control_dropout": (0, 1, False, False),
+    "mask_loss_weight": (0, None, False, False),
+    "guidance_scale": (0, None, False, False),
+    "max_sequence_length": (1, 512, False, False),  # T5's limit in FluxKontextPipeline
+    "max_aspect_ratio": (1, None, False, False),
+    "shard_size": (1, None, False, False),
+    "max_tokens_per_batch": (1, None, False, False),
+}
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    """UserError naming the first numeric flag outside its FLAG_RANGES interval (NaN and inf included)."""
+    for flag, (low, high, low_open, high_open) in FLAG_RANGES.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        bad = not math.isfinite(value)
+        bad |= low is not None and (value <= low if low_open else value < low)
+        bad |= high is not None and (value >= high if high_open else value > high)
+        if bad:
+            left = "unbounded" if low is None else f"{'>' if low_open else '>='} {low}"
+            right = "" if high is None else f" and {'<' if high_open else '<='} {high}"
+            raise UserError(f"--{flag} must be {left}{right}, got {value}")
+
+
+def check_local_path(flag: str, value: str | None, kind: str = "folder") -> None:
+    """UserError when `value` does not exist locally and cannot be a hub name ("org/name") either."""
+    if not value:
+        return
+    looks_local = os.path.isabs(value) or value.startswith((".", "~")) or value.count("/") != 1
+    if looks_local and not Path(value).expanduser().exists():
+        raise UserError(f"--{flag} {value}: no such {kind}")
 
 
 def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, ...]) -> None:
@@ -99,6 +172,7 @@ def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, 
     out.add_argument("--push_to_hub", action="store_true", help="upload LoRA, model card and images to the Hub")
     out.add_argument("--hub_model_id", default=None, help="Hub repository (default: the --output_dir folder name)")
     out.add_argument("--hub_token", default=None, help="Hub token (default: the one `hf auth login` stored)")
+    add_output_args(out)
 
     train = parser.add_argument_group("training")
     train.add_argument("--seed", type=int, default=0)
@@ -152,8 +226,9 @@ def public_config(args: argparse.Namespace) -> dict:
 
 
 def check_training_args(args: argparse.Namespace, argv: list[str] | None = None) -> None:
-    """Reject flag combinations that cannot work, naming the flag (called right after parsing `argv`, None meaning
-    sys.argv[1:]); records those flags, secrets dropped, as `args.training_command` for the model card."""
+    """Reject, naming the flag, everything that cannot work and needs no model weights (called right after parsing
+    `argv`, None meaning sys.argv[1:]); records those flags, secrets dropped, as `args.training_command` for the
+    model card."""
     given = sys.argv[1:] if argv is None else list(argv)
     args.training_command = [
         word
@@ -161,25 +236,22 @@ def check_training_args(args: argparse.Namespace, argv: list[str] | None = None)
         if word.split("=")[0] not in SECRET_OPTIONS and (i == 0 or given[i - 1] not in SECRET_OPTIONS)
     ]
     if not args.demo and not args.pretrained_model_name_or_path:
-        raise ValueError("--pretrained_model_name_or_path is required (or use --demo)")
+        raise UserError("--pretrained_model_name_or_path is required (or use --demo)")
     if not args.demo and not (args.dataset or args.cache_dir):
-        raise ValueError("give --dataset (encoded on the fly) or --cache_dir (from precompute_cache.py)")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps", "rank"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.max_tokens_per_batch is not None and args.max_tokens_per_batch < 1:
-        raise ValueError(f"--max_tokens_per_batch must be >= 1, got {args.max_tokens_per_batch}")
-    for flag in ("caption_dropout", "control_dropout"):
-        if not 0.0 <= getattr(args, flag) <= 1.0:
-            raise ValueError(f"--{flag} must lie in [0, 1], got {getattr(args, flag)}")
+        raise UserError("give --dataset (encoded on the fly) or --cache_dir (from precompute_cache.py)")
+    check_ranges(args)
+    if args.lr_scheduler not in {s.value for s in SchedulerType}:
+        raise UserError(f"--lr_scheduler {args.lr_scheduler!r}: expected one of {[s.value for s in SchedulerType]}")
+    if not args.demo:
+        check_local_path("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
     if args.validation_steps and not (args.validation_prompts and args.validation_images):
-        raise ValueError("--validation_steps needs --validation_prompts and --validation_images")
+        raise UserError("--validation_steps needs --validation_prompts and --validation_images")
     if (
         args.validation_prompts
         and args.validation_images
         and len(args.validation_prompts) != len(args.validation_images)
     ):
-        raise ValueError("--validation_prompts and --validation_images must have one entry per validation sample")
+        raise UserError("--validation_prompts and --validation_images must have one entry per validation sample")
     check_memory_args(args)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)

@@ -32,6 +32,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from PIL import ImageOps
 
+from common.errors import UserError
 from common.models import EditModel, get_model
 from common.resolution import ResizePlan, ResolutionPolicy
 
@@ -103,9 +104,15 @@ class PreparedSample:
     condition_images: list[PIL.Image.Image]  # what Qwen2.5-VL sees; empty for FLUX
     mask: torch.Tensor | None  # (H/16, W/16) float32 in [0, 1]: edit-mask share of each target token
     sources: dict[str, str]
+    crops: dict[str, float] = field(default_factory=dict)  # {"image", "control_k"}: share of the area cropped away
+
+    @property
+    def cropped(self) -> float:
+        """The largest share of an image's area this sample's crops removed (0 when nothing was cropped)."""
+        return max(self.crops.values(), default=0.0)
 
 
-class BadSampleError(ValueError):
+class BadSampleError(UserError):
     """A row that cannot be trained on (unreadable/missing image, missing caption, too many controls)."""
 
     def __init__(self, message: str, *, sample_id: str = "", path: str = "") -> None:
@@ -147,7 +154,7 @@ def read_rows(
             return _read_manifest(path, _jsonl_records(path), *columns)
         if suffix == ".csv":
             return _read_manifest(path, _csv_records(path), *columns)
-        raise ValueError(f"dataset {str(path)!r}: unsupported file type {suffix!r}; expected .jsonl or .csv")
+        raise UserError(f"dataset {str(path)!r}: unsupported file type {suffix!r}; expected .jsonl or .csv")
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
             import datasets
@@ -162,13 +169,13 @@ def read_rows(
 def _read_hub(name: str, columns: tuple[str, str, str, str | None]) -> list[EditRow]:
     """Rows of a hub dataset (offline: only if it is in the local cache)."""
     if os.path.isabs(name) or name.startswith((".", "~")) or name.lower().endswith((".jsonl", ".csv")):
-        raise ValueError(f"dataset {name!r}: no such file or folder")
+        raise UserError(f"dataset {name!r}: no such file or folder")
     import datasets
 
     try:
         loaded = datasets.load_dataset(name)
     except Exception as error:  # any failure here means "not a usable hub dataset": say so, keep the cause
-        raise ValueError(f"dataset {name!r} is no local file or folder, and loading it from the hub failed") from error
+        raise UserError(f"dataset {name!r} is no local file or folder, and loading it from the hub failed") from error
     return _read_hf(loaded, name, Path.cwd(), *columns)
 
 
@@ -196,7 +203,7 @@ def _image_files(folder: Path) -> list[Path]:
 def _put(table: dict, key: Any, path: Path) -> None:
     """table[key] = path, refusing two files for one slot (e.g. x.png and x.jpg), which would be a silent guess."""
     if key in table:
-        raise ValueError(f"two files for the same image: {str(table[key])!r} and {str(path)!r}")
+        raise UserError(f"two files for the same image: {str(table[key])!r} and {str(path)!r}")
     table[key] = path
 
 
@@ -244,7 +251,7 @@ def _read_folder(folder: Path) -> list[EditRow]:
     """
     parsed = {path: _split_stem(path.stem) for path in _image_files(folder)}
     if not parsed:
-        raise ValueError(f"dataset {str(folder)!r}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
+        raise UserError(f"dataset {str(folder)!r}: no {'/'.join(IMAGE_EXTENSIONS)} images found")
     targets = {base for base, role in parsed.values() if role == "image"}
     files: dict[tuple[str, str], Path] = {}
     for path, (base, role) in parsed.items():
@@ -252,7 +259,12 @@ def _read_folder(folder: Path) -> list[EditRow]:
     rows = []
     for index, stem in enumerate(sorted({base for base, _ in files})):
         roles = {role: path for (base, role), path in files.items() if base == stem}
-        controls = [roles[r] for r in sorted((r for r in roles if r.startswith("control")), key=_control_key)]
+        numbered: dict[int, Path] = {}
+        for role in sorted((r for r in roles if r.startswith("control")), key=_control_key):
+            _put(numbered, max(_control_key(role), 0), roles[role])  # stem_control and stem_control_0 are one slot
+        # A gap (stem_control_1 without stem_control / stem_control_0) names the missing file: a bad row, not a
+        # row with fewer references.
+        controls = [numbered.get(k, folder / f"{stem}_control_{k}.png") for k in range(max(numbered, default=-1) + 1)]
         caption = folder / f"{stem}.txt"
         rows.append(_files_row(index, stem, roles["image"], controls, roles.get("mask"), caption))
     return rows
@@ -262,7 +274,7 @@ def _single_dir(root: Path, names: tuple[str, ...]) -> Path | None:
     """The one existing subfolder among `names` (several would be ambiguous), or None."""
     found = [root / n for n in names if (root / n).is_dir()]
     if len(found) > 1:
-        raise ValueError(f"dataset {str(root)!r}: use one of the folders {names}, not several")
+        raise UserError(f"dataset {str(root)!r}: use one of the folders {names}, not several")
     return found[0] if found else None
 
 
@@ -287,10 +299,14 @@ def _read_parallel(root: Path) -> list[EditRow]:
     masks = _stem_table(mask_dir) if mask_dir else {}
     stems = sorted(set(targets).union(*controls, masks))  # a control or mask without its target is a bad row
     if not stems:
-        raise ValueError(f"dataset {str(root)!r}: no images found in {str(target_dir)!r}")
+        raise UserError(f"dataset {str(root)!r}: no images found in {str(target_dir)!r}")
     rows = []
     for index, stem in enumerate(stems):
-        row_controls = [table[stem] for table in controls if stem in table]
+        # Every target needs its first control, later control folders may stop early; a missing file keeps its
+        # place (named, so the row is bad), never silently a row with fewer references.
+        present = [k for k, table in enumerate(controls) if stem in table]
+        count = max(present, default=0) + 1 if controls else 0
+        row_controls = [controls[k].get(stem, control_dirs[k] / f"{stem}.png") for k in range(count)]
         caption = target_dir / f"{stem}.txt"
         expected = target_dir / f"{stem}.png"  # what to name when the target is missing
         row = _files_row(
@@ -310,23 +326,42 @@ def _jsonl_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {error}") from error
+                raise UserError(f"{path}:{line_no}: invalid JSON: {error}") from error
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise UserError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             records.append((line_no, record))
     return records
 
 
 def _csv_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(first line number, row) of each CSV row; empty cells read as None."""
+    """(first line number, row) of each CSV row; empty cells read as None.
+
+    Malformed lines are errors naming file:line, never re-read as something else: a row with more or fewer cells
+    than the header, a duplicate or empty header name, an unclosed quote (csv strict mode), or a path cell that
+    spans lines (an unclosed quote swallowing the next rows).
+    """
     records = []
     with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        _ = reader.fieldnames  # reads the header, so line_num counts from it
-        start = reader.line_num + 1
-        for record in reader:
-            records.append((start, {k: (v if v != "" else None) for k, v in record.items()}))
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise UserError(f"{path}:1: empty CSV file, expected a header line")
+            header = [name.strip() for name in header]
+            if "" in header or len(set(header)) != len(header):
+                raise UserError(f"{path}:1: header names must be unique and non-empty, got {header}")
             start = reader.line_num + 1
+            for cells in reader:
+                where = f"{path}:{start}"
+                if not any(cell.strip() for cell in cells):
+                    start = reader.line_num + 1
+                    continue
+                if len(cells) != len(header):
+                    raise UserError(f"{where}: {len(cells)} cells, the header has {len(header)} ({header})")
+                records.append((start, {k: (v if v != "" else None) for k, v in zip(header, cells, strict=True)}))
+                start = reader.line_num + 1
+        except csv.Error as error:
+            raise UserError(f"{path}:{reader.line_num}: malformed CSV: {error}") from error
     return records
 
 
@@ -337,7 +372,7 @@ def _check_columns(where: str, present: Iterable[str], required: dict[str, str],
         required = {**required, "mask_column": mask_column}
     for flag, name in required.items():
         if name not in present:
-            raise ValueError(f"{where}: no column {name!r} (--{flag}); columns: {sorted(present)}")
+            raise UserError(f"{where}: no column {name!r} (--{flag}); columns: {sorted(present)}")
 
 
 def _manifest_controls(value: Any, where: str) -> list[str]:
@@ -346,15 +381,17 @@ def _manifest_controls(value: Any, where: str) -> list[str]:
         return []
     if isinstance(value, str):
         text = value.strip()
+        if "\n" in text:
+            raise UserError(f"{where}: control {text!r} spans lines (an unclosed quote?)")
         if text.startswith("["):
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: control {text!r} is not a valid JSON list") from error
+                raise UserError(f"{where}: control {text!r} is not a valid JSON list") from error
         else:
             return [p.strip() for p in text.split(";") if p.strip()]
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise ValueError(f"{where}: control must be a path or a list of paths, got {value!r}")
+        raise UserError(f"{where}: control must be a path or a list of paths, got {value!r}")
     return [p for p in value if p.strip()]
 
 
@@ -369,17 +406,18 @@ def _manifest_path(record: dict[str, Any], key: str, base: Path, where: str) -> 
     value = record.get(key)
     if value is None or value == "":
         return None
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a path, got {value!r}")
+    if not isinstance(value, str) or "\n" in value:
+        raise UserError(f"{where}: {key!r} must be a path, got {value!r}")
     return _resolve(base, value)
 
 
-def _caption_text(value: Any) -> str | None:
-    """Stripped caption, or None when missing or blank (an edit pair needs its instruction)."""
+def _caption_text(value: Any, where: str = "") -> str | None:
+    """Stripped caption, or None when missing or blank (an edit pair needs its instruction); not text is an error."""
     if value is None:
         return None
-    text = str(value).strip()
-    return text or None
+    if not isinstance(value, str):
+        raise UserError(f"{where}: the caption must be text, got {value!r}")
+    return value.strip() or None
 
 
 def _read_manifest(
@@ -411,13 +449,13 @@ def _read_manifest(
                 sample_id=f"{path.name}:{line_no}",
                 target=target,
                 controls=tuple(controls),
-                prompt=_caption_text(record.get(caption_column)),
+                prompt=_caption_text(record.get(caption_column), where),
                 mask=mask,
                 sources=sources,
             )
         )
     if not rows:
-        raise ValueError(f"dataset {str(path)!r}: no rows")
+        raise UserError(f"dataset {str(path)!r}: no rows")
     return rows
 
 
@@ -433,7 +471,7 @@ def _hf_image(
         if value["bytes"] is not None:
             return DatasetImage(table, origin, index, column, item)
         return _resolve(base, value["path"]) if value["path"] else None
-    raise ValueError(f"dataset {origin!r}: column {column!r} holds {type(value).__name__}; expected images or paths")
+    raise UserError(f"dataset {origin!r}: column {column!r} holds {type(value).__name__}; expected images or paths")
 
 
 def _hf_where(source: ImageSource | None, sample_id: str, column: str, item: int | None = None) -> str:
@@ -451,7 +489,7 @@ def _single_split(loaded: datasets.Dataset | datasets.DatasetDict, origin: str) 
         return loaded["train"]
     if len(loaded) == 1:
         return next(iter(loaded.values()))
-    raise ValueError(f"dataset {origin!r} has splits {sorted(loaded)}; none is 'train', so which to use is unclear")
+    raise UserError(f"dataset {origin!r} has splits {sorted(loaded)}; none is 'train', so which to use is unclear")
 
 
 def _read_hf(
@@ -498,13 +536,13 @@ def _read_hf(
                     sample_id=sid,
                     target=target,
                     controls=tuple(controls),
-                    prompt=_caption_text(cells[caption_column][j]),
+                    prompt=_caption_text(cells[caption_column][j], f"{origin}[{i}]"),
                     mask=mask,
                     sources=sources,
                 )
             )
     if not rows:
-        raise ValueError(f"dataset {origin!r}: no rows")
+        raise UserError(f"dataset {origin!r}: no rows")
     return rows
 
 
@@ -541,9 +579,54 @@ def _open(source: ImageSource, row: EditRow, what: str) -> PIL.Image.Image:
         raise _bad(row, what, f"cannot read image: {error}") from error
 
 
+# Modes whose PIL conversion to RGB is right as it is (checked against reference conversions in the tests); the
+# alpha of LA/PA/RGBA is dropped, as diffusers' `load_image` does for the pipelines at inference.
+_PIL_RGB_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr", "LAB", "HSV")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image | str:
+    """8-bit RGB of an image in any mode PIL opens, or the reason it is refused (a value range we cannot know).
+
+    PIL's own `convert("RGB")` clips 16-bit images to white; they are scaled by 255/65535 instead. 32-bit integer
+    images are kept only when their values fit 0..255; float images are refused. CMYK with an embedded ICC profile
+    is converted by the profile (PIL's plain formula otherwise).
+    """
+    mode = image.mode
+    if mode in _PIL_RGB_MODES:
+        return image.convert("RGB")
+    if mode == "La":
+        return image.convert("LA").convert("RGB")
+    if mode == "CMYK":
+        profile = image.info.get("icc_profile")
+        if profile:
+            from PIL import ImageCms
+
+            source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+            return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        return image.convert("RGB")
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        if mode == "I" and (values.min() < 0 or values.max() > 255):
+            return f"32-bit integer image (mode I) with values {values.min()}..{values.max()}: save it as 8 or 16 bit"
+        if mode != "I":
+            values = (values * 255 + 32767) // 65535  # round(v * 255 / 65535)
+        return PIL.Image.fromarray(values.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        return "floating-point image (mode F) has no known value range: save it as 8 or 16 bit"
+    return f"image mode {mode!r} is not supported: save it as 8 or 16 bit RGB or grayscale"
+
+
 def load_rgb(source: ImageSource, *, row: EditRow, what: str) -> PIL.Image.Image:
     """RGB, EXIF-transposed image of row.sources[what]; raises BadSampleError naming the row and file."""
-    return _open(source, row, what).convert("RGB")
+    image = _open(source, row, what)
+    converted = to_rgb(image)
+    if isinstance(converted, str):
+        raise _bad(row, what, converted)
+    width, height = converted.size
+    if min(width, height) < TOKEN_PIXELS:
+        raise _bad(row, what, f"image is {width}x{height}, smaller than one {TOKEN_PIXELS}-px latent token")
+    return converted
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -564,7 +647,10 @@ def _vae_input(image: PIL.Image.Image, plan: ResizePlan) -> tuple[torch.Tensor, 
 
 def _mask_grid(row: EditRow, target_size: tuple[int, int], plan: ResizePlan) -> torch.Tensor:
     """Share of each target token covered by the mask (white = edit), using the target's crop and size."""
-    mask = _open(row.mask, row, "mask").convert("L")
+    mask = to_rgb(_open(row.mask, row, "mask"))
+    if isinstance(mask, str):
+        raise _bad(row, "mask", mask)
+    mask = mask.convert("L")
     (tw, th), (mw, mh) = target_size, mask.size
     if abs(mw * th - mh * tw) > max(tw, th, mw, mh):  # proportional up to rounding: a scaled mask is fine
         raise _bad(row, "mask", f"mask is {mw}x{mh} but the image is {tw}x{th} (another aspect ratio)")
@@ -576,6 +662,12 @@ def _mask_grid(row: EditRow, target_size: tuple[int, int], plan: ResizePlan) -> 
     )
     pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)
     return torch.nn.functional.avg_pool2d(pixels[None], TOKEN_PIXELS)[0]  # mean over each token's 16 x 16 pixels
+
+
+def _cropped_share(size: tuple[int, int], plan: ResizePlan) -> float:
+    """Share of an image's area that its plan's crop box removes."""
+    left, top, right, bottom = plan.crop_box
+    return 1.0 - (right - left) * (bottom - top) / (size[0] * size[1])
 
 
 def prepare_sample(row: EditRow, model: EditModel | str, policy: ResolutionPolicy) -> PreparedSample:
@@ -597,11 +689,13 @@ def prepare_sample(row: EditRow, model: EditModel | str, policy: ResolutionPolic
     target_image = load_rgb(row.target, row=row, what="image")
     plan = policy.plan(*target_image.size)
     target, _ = _vae_input(target_image, plan)
+    crops = {"image": _cropped_share(target_image.size, plan)}
 
     controls, condition_images = [], []
     for k, source in enumerate(row.controls):
         image = load_rgb(source, row=row, what=f"control_{k}")
         control_plan = policy.control_plan(*image.size)
+        crops[f"control_{k}"] = _cropped_share(image.size, control_plan)
         tensor, resized = _vae_input(image, control_plan)
         controls.append(tensor)
         if model.condition_size is not None:
@@ -620,6 +714,7 @@ def prepare_sample(row: EditRow, model: EditModel | str, policy: ResolutionPolic
         condition_images=condition_images,
         mask=mask,
         sources=dict(row.sources),
+        crops={what: share for what, share in crops.items() if share > 0},
     )
 
 

@@ -17,10 +17,10 @@ import numpy as np
 from accelerate import PartialState
 from PIL import Image, ImageDraw
 
-from common.hub import HubUnavailable
 from common.model_card import CARD_FILE
 from common.models import EditModel, get_model
 from common.plots import CURVES_FILE
+from common.run_guard import earlier_results
 from common.tiny import write_tiny
 from common.training import METRICS_FILE, train
 
@@ -66,6 +66,16 @@ def write_dataset(folder: Path, model: EditModel | str, rows: int = 32) -> None:
             _scene(ref_size, COLOURS[before], seed=i if k == 0 else 1000 + i).save(folder / f"{i:03d}{suffix}.png")
 
 
+def fresh_output_dir(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3, ... when earlier demo runs left their results there (never overwritten)."""
+    folder, n = parent / name, 2
+    while earlier_results(folder):
+        folder, n = parent / f"{name}-{n}", n + 1
+    if folder.name != name:
+        print(f"demo: {parent / name} holds an earlier demo run; this one writes to {folder}")
+    return folder
+
+
 def prepare_demo(args: argparse.Namespace, model: EditModel) -> None:
     """Write the tiny checkpoint, data and cache (once, on the main process) and point `args` at them."""
     root = DEMO_DIR.resolve()
@@ -73,7 +83,7 @@ def prepare_demo(args: argparse.Namespace, model: EditModel) -> None:
     args.pretrained_model_name_or_path = str(root / "model" / model.name)
     args.dataset = str(root / "data" / model.name)
     args.cache_dir = str(root / "cache" / model.name)
-    args.output_dir = str(root / "output" / model.name)
+    args.output_dir = str(fresh_output_dir(root / "output", model.name))
     args.multi_resolutions = ["128*128", "192*192", "256*256"]
     args.max_train_steps, args.checkpointing_steps, args.train_batch_size = 30, 10, 4
     args.learning_rate, args.rank, args.lora_alpha = 1e-3, 4, 4.0
@@ -110,14 +120,10 @@ def report_demo(args: argparse.Namespace, lora_file: Path) -> None:
 
 
 def run(args: argparse.Namespace, model: EditModel) -> Path:
-    """A trainer's main: train as the flags say; with --demo, build the demo inputs first. A Hub failure of
-    --push_to_hub (checked before any weights load) ends the program with one line."""
+    """A trainer's main: train as the flags say; with --demo, build the demo inputs first."""
     if args.demo:
         prepare_demo(args, model)
-    try:
-        lora_file = train(args, model)
-    except HubUnavailable as error:
-        raise SystemExit(f"error: {error}") from None
+    lora_file = train(args, model)
     if args.demo:
         report_demo(args, lora_file)
     return lora_file

@@ -14,12 +14,13 @@ from pathlib import Path
 from huggingface_hub import create_repo, upload_folder
 from huggingface_hub.constants import is_offline_mode
 
+from common.errors import UserError
 from common.lora import COMFYUI_FILE, LORA_FILE
 from common.model_card import CARD_FILE, latest_validation
 from common.plots import CURVES_FILE
 
 
-class HubUnavailable(RuntimeError):
+class HubUnavailable(UserError):
     """The Hub cannot be reached or written to; the message is one line for the user."""
 
 

@@ -28,6 +28,7 @@ from common.data import TOKEN_PIXELS
 from common.lora import COMFYUI_FILE, LORA_FILE
 from common.models.base import HubDescription
 from common.plots import CURVES_FILE
+from common.run_guard import VALIDATION_DIR
 
 if TYPE_CHECKING:
     from common.models import EditModel
@@ -71,8 +72,6 @@ def base_model_id(pretrained: str, official: str) -> str:
 
 def latest_validation(output_dir: str | os.PathLike) -> tuple[int, list[Path]] | None:
     """(step, images) of the newest `validation/step-N/` folder, or None if the run sampled none."""
-    from common.validation import VALIDATION_DIR  # here: common.validation imports common.training, which imports us
-
     found = []
     for folder in (Path(output_dir) / VALIDATION_DIR).glob("step-*"):
         if folder.name.removeprefix("step-").isdecimal():

@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from common.base_weights import is_placed_by_hooks, load_transformer, place_base_weights
 from common.batch import NoisyBatch, pack_latents
-from common.checkpoints import resolve_resume, save_checkpoint, step_of
+from common.checkpoints import checkpoints, save_checkpoint, step_of
 from common.cli import public_config
 from common.comfyui import save_comfyui_lora
+from common.errors import UserError, configure_logging
 from common.flow_matching import noisy_and_target, sample_generator, sample_sigma
 from common.hub import create_hub_repo, push_outputs
 from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora, save_lora_state
@@ -42,12 +43,12 @@ from common.model_card import CARD_FILE, model_card, write_model_card
 from common.models import EditModel
 from common.padding import pad_sequences, padding_ratio
 from common.plots import CURVES_FILE, save_training_curves
+from common.run_guard import METRICS_FILE, run_identity, start_run, write_run
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, TokenBudgetBatchSampler, collate_ragged
 from common.training_data import TrainingData, open_training_data, real_token_counts
-from common.validation import Validation
+from common.validation import Validation, validation_rows
 
 logger = get_logger(__name__)
-METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "training_config.json"
 PADDING_WARNING = 0.30
 
@@ -243,22 +244,42 @@ def _register_lora_hooks(accelerator: Accelerator, model: EditModel, metrics_fil
     accelerator.register_load_state_pre_hook(load_hook)
 
 
+def _summary(args: argparse.Namespace, model: EditModel, accelerator: Accelerator) -> str:
+    """One line with the settings a user checks first (the full set is in output_dir/training_config.json)."""
+    global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    data = f"cache {args.cache_dir}" if args.cache_dir else f"dataset {args.dataset} (encoded on the fly)"
+    return (
+        f"{model.name} from {args.pretrained_model_name_or_path}; {data}; {args.max_train_steps} steps of "
+        f"{global_batch} samples ({args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
+        f"{accelerator.num_processes} processes); lr {args.learning_rate:g} ({args.lr_scheduler}); LoRA rank "
+        f"{args.rank}, alpha {args.lora_alpha:g}; precision {accelerator.mixed_precision}; output {args.output_dir}"
+    )
+
+
 def train(args: argparse.Namespace, model: EditModel) -> Path:
     """Train a LoRA for `model` as the parsed flags say; returns the path of the saved LoRA weights."""
+    configure_logging(getattr(args, "quiet", False))
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
-    if args.push_to_hub and accelerator.is_main_process:  # before anything is written or loaded
+    if args.push_to_hub and accelerator.is_main_process:  # the Hub is checked before anything is written or loaded
         args.hub_model_id = create_hub_repo(args)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / CONFIG_FILE).write_text(json.dumps(public_config(args), indent=2, default=str))
-        logger.info(f"configuration: {json.dumps(public_config(args), default=str)}", main_process_only=True)
-    set_seed(args.seed)
     weight_dtype = _weight_dtype(accelerator)
+    # Everything the user can get wrong is checked before any weights load or anything is written: the output
+    # folder (another run's results, the checkpoint to resume), then the data (rows validated, or the cache checked).
+    resume, run = start_run(args, run_identity(args, model.name, accelerator.num_processes))
+    data = open_training_data(args, model, accelerator.device, weight_dtype)
+    if args.validation_steps:
+        validation_rows(args.validation_prompts, args.validation_images, model)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_run(output_dir, run)
+        (output_dir / CONFIG_FILE).write_text(json.dumps(public_config(args), indent=2, default=str))
+    logger.info(f"configuration: {_summary(args, model, accelerator)}", main_process_only=True)
+    set_seed(args.seed)
 
     # Models: the stock transformer with a LoRA adapter and the mixed-batch hooks; the scheduler for sigma shifts.
     transformer = load_transformer(model.transformer_class, args, accelerator.device, weight_dtype)
@@ -288,7 +309,6 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     )
 
     # Data: cached or encoded on the fly, in the same row format; the sampler splits global batches across ranks.
-    data = open_training_data(args, model, accelerator.device, weight_dtype)
     sampler = _sampler(args, model, data, accelerator)
     loader = DataLoader(
         data.dataset,
@@ -312,10 +332,9 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     state = TrainState()
     accelerator.register_for_checkpointing(lr_scheduler, state)
     _register_lora_hooks(accelerator, model, output_dir / METRICS_FILE)
-    resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume is not None:
         accelerator.load_state(str(resume))
-        logger.info(f"resumed from {resume} at step {step_of(resume)}", main_process_only=True)
+        logger.info(f"resumed from {resume} at step {step_of(resume)}/{args.max_train_steps}", main_process_only=True)
     if accelerator.is_main_process and accelerator.log_with:
         # Trackers take scalars; lists (target modules, resolutions) are logged as their text.
         config = {k: str(v) if isinstance(v, list | tuple) else v for k, v in public_config(args).items()}
@@ -351,14 +370,20 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
                 validation.save(images, state.step, accelerator)
             accelerator.wait_for_everyone()
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
-            save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit)
+            save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit, run)
 
+    metrics.bar.close()
     accelerator.wait_for_everyone()
     lora_file = output_dir / LORA_FILE
     if accelerator.is_main_process:
-        lora_file = save_lora(model.pipeline_class, transformer, output_dir)
-        if args.export_comfyui:
-            save_comfyui_lora(model, lora_file, output_dir / COMFYUI_FILE)
+        try:
+            lora_file = save_lora(model.pipeline_class, transformer, output_dir)
+            if args.export_comfyui:
+                save_comfyui_lora(model, lora_file, output_dir / COMFYUI_FILE)
+        except OSError as error:
+            kept = checkpoints(output_dir)
+            where = f"{kept[-1]} holds the trained LoRA" if kept else "no checkpoint could be written either"
+            raise UserError(f"could not write the LoRA weights to {output_dir} ({error}); {where}") from error
         logger.info(f"LoRA weights written to {lora_file}", main_process_only=True)
         _finish_outputs(args, model, data, accelerator)
     accelerator.end_training()

@@ -19,19 +19,21 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 from safetensors.torch import load_file
 
 from common.cache import (
+    INFO_FILE,
     CachedRows,
     CacheNotFinished,
     cache_info,
+    cached_row_hashes,
     load_cache,
     row_img_shapes,
     stored_row,
@@ -40,10 +42,12 @@ from common.cache import (
     unflatten_row,
 )
 from common.cli import add_data_args, resolution_policy
-from common.data import EditRow, PreparedSample, prepare_all, prepare_sample, read_rows, source_hash, token_grid
+from common.data import EditRow, PreparedSample, prepare_sample, read_rows, source_hash
 from common.encoders import Encoders, encode_row, load_encoders
+from common.errors import UserError
 from common.models import EditModel, get_model
 from common.resolution import ResolutionPolicy
+from common.validate import CROP_REPORT_SHARE, DataReport, validate_rows
 
 # Fingerprint settings left out at these values (added after caches existed; see `common.cache.load_cache`).
 FINGERPRINT_DEFAULTS = {"control_resolution": "target"}
@@ -76,8 +80,14 @@ class EncodedRows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         """Row i encoded now, stored and read back as the cache would (bfloat16 becomes float32 there too)."""
         row = self.rows[i]
-        encoded = encode_row(self.encoders, prepare_sample(row, self.model, self.policy))
-        return unflatten_row(stored_row(row.index, encoded))
+        sample = prepare_sample(row, self.model, self.policy)
+        return unflatten_row(stored_row(row.index, cache_row(self.encoders, sample)))
+
+
+def cache_row(encoders: Encoders, sample: PreparedSample) -> dict:
+    """The row precompute_cache.py stores for a prepared sample (and the uncached data returns): the encoders'
+    outputs plus `cropped`, the largest share of one of its images the crop removed (for the data summary)."""
+    return {**encode_row(encoders, sample), "cropped": sample.cropped}
 
 
 def _read(args: argparse.Namespace) -> list[EditRow]:
@@ -91,11 +101,6 @@ def _read(args: argparse.Namespace) -> list[EditRow]:
     )
 
 
-def _img_shapes(sample: PreparedSample) -> list[list[int]]:
-    """Packed token grids [1, h, w] of a prepared sample's target and controls, as its encoded row's img_shapes."""
-    return [[1, *token_grid(*image.shape[1:])] for image in [sample.target, *sample.controls]]
-
-
 def text_length(args: argparse.Namespace, model: EditModel) -> int | None:
     """The text length the flags ask for (--max_sequence_length, default the model's); None for models without one."""
     if model.max_sequence_length is None:
@@ -103,34 +108,50 @@ def text_length(args: argparse.Namespace, model: EditModel) -> int | None:
     return getattr(args, "max_sequence_length", None) or model.max_sequence_length
 
 
-def data_fingerprint(args: argparse.Namespace, model: EditModel | str, rows: Sequence[EditRow] | None = None) -> dict:
-    """What every cached row of `model` depends on: model, preprocessing flags and, given rows, each source's content.
+def data_fingerprint(args: argparse.Namespace, model: EditModel | str, encoder_dtype: str | None = None) -> dict:
+    """The settings every cached row of `model` depends on, by meaning: paths resolved, sizes parsed and reduced to
+    the mode that applies (so `--multi_resolutions 512*512 768x768` equals `589824 262144`).
 
     `args` holds the flags of `common.cli.add_model_args` / `add_data_args` (and optionally --max_sequence_length);
-    rows=None gives the settings alone, to check a cache when the dataset itself is not at hand. The default
-    `--control_resolution target` is left out, so caches written before that flag existed stay valid.
+    `encoder_dtype` (precompute's --mixed_precision) is stored by the precompute; a trainer compares the settings it
+    knows. The rows' content is tracked per row (`row_hashes`), so data edits re-encode only the rows edited. The
+    default `--control_resolution target` is left out, so caches written before that flag existed stay valid.
     """
     model = get_model(model)
+    policy = resolution_policy(args, model)
+    fixed = policy.fixed_size is not None
+    path = Path(str(args.pretrained_model_name_or_path)).expanduser()
     settings = {
         "model": model.data_name,
-        "pretrained_model_name_or_path": str(args.pretrained_model_name_or_path),
+        "pretrained_model_name_or_path": str(path.resolve()) if path.exists() else str(path),
         "revision": args.revision,
-        "resolution": args.resolution,
-        "multi_resolutions": args.multi_resolutions,
-        "target_area": args.target_area,
-        "max_aspect_ratio": args.max_aspect_ratio,
+        "resolution": list(policy.fixed_size) if fixed else None,
+        "multi_resolutions": sorted(set(policy.multi_resolutions)) if policy.is_multi_resolution else None,
+        "target_area": None if fixed or policy.is_multi_resolution else policy.target_area,
+        "max_aspect_ratio": None if fixed else policy.max_aspect_ratio,
         "max_sequence_length": text_length(args, model),
     }
     control_resolution = getattr(args, "control_resolution", FINGERPRINT_DEFAULTS["control_resolution"])
     if control_resolution != FINGERPRINT_DEFAULTS["control_resolution"]:
         settings["control_resolution"] = control_resolution
-    if rows is None:
-        return settings
-    sources = hashlib.sha256()
+    if encoder_dtype is not None:
+        settings["encoder_dtype"] = encoder_dtype
+    return settings
+
+
+def row_hashes(rows: Sequence[EditRow]) -> list[str | None]:
+    """Content hash of each row (sample id, caption, bytes of every image); None when a file cannot be read (the
+    row is then bad and validation names the file)."""
+    hashes: list[str | None] = []
     for row in rows:
-        parts = [row.sample_id, row.prompt or ""] + [source_hash(s) for s in (row.target, *row.controls, row.mask) if s]
-        sources.update(json.dumps(parts).encode())
-    return {**settings, "rows": len(rows), "sources_sha256": sources.hexdigest()}
+        try:
+            parts = [row.sample_id, row.prompt or ""]
+            parts += [source_hash(s) if s else "" for s in (row.target, *row.controls, row.mask)]
+        except OSError:
+            hashes.append(None)
+            continue
+        hashes.append(hashlib.sha256(json.dumps(parts).encode()).hexdigest())
+    return hashes
 
 
 def precompute_command(args: argparse.Namespace, model: EditModel | str) -> str:
@@ -159,23 +180,48 @@ def precompute_command(args: argparse.Namespace, model: EditModel | str) -> str:
 
 
 def _open_cached(args: argparse.Namespace, model: EditModel) -> TrainingData:
-    """The cache at --cache_dir, checked against the settings, and against the sources when --dataset is given."""
-    rows = _read(args) if args.dataset else None
-    requested = data_fingerprint(args, model, rows)
+    """The cache at --cache_dir, checked against the settings, and row by row against --dataset when given."""
     try:
-        dataset = load_cache(args.cache_dir, requested, subset=rows is None, defaults=FINGERPRINT_DEFAULTS)
+        dataset = load_cache(args.cache_dir, data_fingerprint(args, model), subset=True, defaults=FINGERPRINT_DEFAULTS)
     except (FileNotFoundError, CacheNotFinished) as error:
         message = f"{error}\nbuild it with precompute_cache.py:\n  {precompute_command(args, model)}"
         raise type(error)(message) from error
+    if args.dataset:
+        rows = _read(args)
+        cached = cached_row_hashes(args.cache_dir)
+        changed = [r.sample_id for r, h in zip(rows, row_hashes(rows), strict=True) if cached.get(r.index) != h]
+        if changed or len(cached) != len(rows):
+            raise UserError(
+                f"cache at {args.cache_dir} does not match --dataset {args.dataset}: {len(changed)} row(s) changed, "
+                f"{len(rows)} rows now vs {len(cached)} cached (first changed: {changed[:3]}); rerun the precompute "
+                f"with the same flags, it encodes only those rows: {precompute_command(args, model)}"
+            )
     empty_prompt = None
     if not model.prompt_sees_images:
         name = cache_info(args.cache_dir)["extra"].get("empty_prompt")
         if name is None:
-            raise ValueError(f"cache at {args.cache_dir} holds no empty-prompt embedding: rebuild it (--rebuild_cache)")
+            raise UserError(f"cache at {args.cache_dir} holds no empty-prompt embedding: rebuild it (--rebuild_cache)")
         empty_prompt = load_file(Path(args.cache_dir) / name)
-    captions = [row.prompt for row in rows] if rows is not None else None
+    cache_report(args.cache_dir, dataset).log(f"cache {args.cache_dir}")
+    captions = [row.prompt for row in rows] if args.dataset else None
     return TrainingData(
         CachedRows(dataset), token_counts(dataset), empty_prompt, True, row_img_shapes(dataset), captions
+    )
+
+
+def cache_report(cache_dir: str, dataset: datasets.Dataset) -> DataReport:
+    """The data summary of a cache, from its info file and small columns (no tensor is read)."""
+    info = cache_info(cache_dir) if (Path(cache_dir) / INFO_FILE).exists() else {}
+    skipped = [(s["sample_id"], s["reason"]) for s in info.get("skipped", [])]
+    names = ["sample_id", "img_shapes"] + (["cropped"] if "cropped" in dataset.column_names else [])
+    columns = dataset.select_columns(names).to_dict()
+    ids = columns["sample_id"]
+    cropped = zip(ids, columns.get("cropped", [0.0] * len(dataset)), strict=True)
+    return DataReport(
+        rows=len(dataset) + len(skipped),
+        skipped=skipped,
+        without_control=[s for s, shapes in zip(ids, columns["img_shapes"], strict=True) if len(shapes) == 1],
+        cropped=[(s, share) for s, share in cropped if share > CROP_REPORT_SHARE],
     )
 
 
@@ -196,24 +242,17 @@ def encoders_for(args: argparse.Namespace, model: EditModel, device: torch.devic
 def _open_uncached(
     args: argparse.Namespace, model: EditModel, device: torch.device, dtype: torch.dtype
 ) -> TrainingData:
-    """Rows of --dataset, validated now and encoded on access by `model`'s encoders on device/dtype."""
+    """Rows of --dataset, validated now (before any encoder loads) and encoded on access on device/dtype."""
     policy = resolution_policy(args, model)
-
-    def check(row: EditRow) -> tuple[EditRow, list[list[int]]]:
-        """The row and its token grids, if it prepares; the decoded images are dropped right away."""
-        return row, _img_shapes(prepare_sample(row, model, policy))
-
-    checked, skipped = prepare_all(_read(args), check, skip_bad_samples=args.skip_bad_samples)
-    if skipped:
-        print(f"skipped {len(skipped)} bad sample(s):\n  " + "\n  ".join(reason for _, reason in skipped))
-    if not checked:
-        raise ValueError(f"dataset {args.dataset!r}: no usable rows")
+    checked, report = validate_rows(_read(args), model, policy, skip_bad_samples=args.skip_bad_samples)
+    report.log(f"dataset {args.dataset}")
+    report.require_rows(f"dataset {args.dataset}")
     encoders = encoders_for(args, model, device, dtype)
     empty_prompt = None if model.prompt_sees_images else encoders.encode_prompt("")
-    rows, shapes = [row for row, _ in checked], [grids for _, grids in checked]
-    lengths = [sum(math.prod(grid) for grid in grids) for grids in shapes]
+    rows = [c.row for c in checked]
     dataset = EncodedRows(rows, model, policy, encoders)
-    return TrainingData(dataset, lengths, empty_prompt, False, shapes, [row.prompt for row in rows])
+    shapes = [c.img_shapes for c in checked]
+    return TrainingData(dataset, [c.tokens for c in checked], empty_prompt, False, shapes, [r.prompt for r in rows])
 
 
 def real_token_counts(args: argparse.Namespace, model: EditModel, data: TrainingData) -> list[int]:
@@ -241,5 +280,5 @@ def open_training_data(
     if args.cache_dir:
         return _open_cached(args, model)
     if not args.dataset:
-        raise ValueError("give --dataset (encoded while training) or --cache_dir (a cache from precompute_cache.py)")
+        raise UserError("give --dataset (encoded while training) or --cache_dir (a cache from precompute_cache.py)")
     return _open_uncached(args, model, device, dtype)

@@ -38,10 +38,10 @@ from common.batch import NoisyBatch, pack_latents
 from common.cli import resolution_policy
 from common.data import EditRow, PreparedSample, prepare_sample
 from common.encoders import Encoders
+from common.errors import UserError
 from common.models import EditModel, get_model
+from common.run_guard import VALIDATION_DIR
 from common.training_data import encoders_for
-
-VALIDATION_DIR = "validation"
 
 
 @dataclass
@@ -64,9 +64,11 @@ def validation_rows(prompts: list[str], images: list[str], model: EditModel | st
     for k, (prompt, entry) in enumerate(zip(prompts, images, strict=True)):
         paths = [p.strip() for p in entry.split(",") if p.strip()]
         if not paths:
-            raise ValueError(f"--validation_images entry {k} names no image")
+            raise UserError(f"--validation_images entry {k} names no image")
         if reason := model.too_many_references(len(paths)):
-            raise ValueError(f"--validation_images entry {k}: {reason}")
+            raise UserError(f"--validation_images entry {k}: {reason}")
+        if missing := [p for p in paths if not Path(p).expanduser().is_file()]:
+            raise UserError(f"--validation_images entry {k}: no such file {missing[0]}")
         sources = {"image": paths[0], **{f"control_{j}": p for j, p in enumerate(paths)}}
         sources["caption"] = f"--validation_prompts[{k}]"
         rows.append(EditRow(k, f"validation[{k}]", paths[0], tuple(paths), prompt.strip() or None, None, sources))

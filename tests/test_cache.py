@@ -18,6 +18,7 @@ from common.cache import (
     CachedRows,
     CacheNotFinished,
     CacheWriter,
+    DamagedShard,
     FingerprintMismatch,
     cache_info,
     finalize_cache,
@@ -124,11 +125,63 @@ def test_round_trip_sorted_memory_mapped(tmp_path):
     )
     assert sorted(os.listdir(tmp_path)) == [
         "cache_info.json",
+        "dataset_info.json",
         "fingerprint.json",
         "shard-p000-000000.arrow",
         "shard-p000-000001.arrow",
         "shard-p000-000002.arrow",
+        "state.json",
     ]
+    # One plain `datasets` call opens the cache too: the rows as stored, version column included.
+    plain = datasets.load_from_disk(str(tmp_path))
+    assert len(plain) == n and set(plain["version"]) == {"2.0"} and sorted(plain["index"]) == list(range(n))
+    for row in plain:
+        assert_same(unflatten_row(row), expected(row["index"]))  # written without row hashes
+
+
+def _hashes(n: int, edited: dict[int, str] | None = None) -> list[str]:
+    return [(edited or {}).get(i, f"h{i}") for i in range(n)]
+
+
+def test_rerun_keeps_rows_whose_content_is_unchanged_and_reindexes_them(tmp_path):
+    """Editing, inserting and removing source rows: only new or edited rows are left to encode."""
+    write_cache(tmp_path, range(10), row_hashes=_hashes(10))
+    finalize_cache(tmp_path, FINGERPRINT, 10)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*")}
+    # New data set: a row inserted before the others, row 5 edited, row 9 removed.
+    new = ["new", *_hashes(9, {5: "h5-edited"})]
+    writer = CacheWriter(tmp_path, FINGERPRINT, shard_size=4, row_hashes=new)
+    assert writer.done_indices() == set(range(10)) - {0, 6}  # the inserted row 0 and edited row 5 (now 6) only
+    changed = {p.name for p in tmp_path.glob("shard-*") if p.stat().st_mtime_ns != stamps.get(p.name)}
+    assert changed == set(stamps)  # every shard moved (indices +1), each rewritten by Arrow, nothing encoded
+    for i in (0, 6):
+        writer.add(i, make_row(i))
+    writer.close()
+    finalize_cache(tmp_path, FINGERPRINT, 10)
+    dataset = load_cache(tmp_path, FINGERPRINT)
+    assert dataset["index"][:] == list(range(10)) and "row_hash" not in dataset.column_names
+    # Rows 1..9 now hold the old rows 0..8 (moved, not re-encoded): their content came along.
+    moved = [dataset[i]["sample_id"] for i in (1, 2, 5, 7)]
+    assert moved == ["s000", "s001", "s004", "s006"]
+
+
+def test_damaged_or_missing_shard_is_named_and_repaired_by_the_next_writer(tmp_path):
+    write_cache(tmp_path, range(10), row_hashes=_hashes(10))
+    finalize_cache(tmp_path, FINGERPRINT, 10)
+    shard = tmp_path / "shard-p000-000001.arrow"
+    shard.write_bytes(shard.read_bytes()[:300])  # truncated
+    with pytest.raises(DamagedShard, match=f"cache shard {shard} is damaged.*rerun precompute_cache.py"):
+        load_cache(tmp_path, FINGERPRINT)
+    writer = CacheWriter(tmp_path, FINGERPRINT, shard_size=4, row_hashes=_hashes(10))
+    assert writer.done_indices() == set(range(10)) - {4, 5, 6, 7} and not shard.exists()
+    for i in (4, 5, 6, 7):
+        writer.add(i, make_row(i))
+    writer.close()
+    finalize_cache(tmp_path, FINGERPRINT, 10)
+    assert [r["index"] for r in read_all(load_cache(tmp_path, FINGERPRINT))] == list(range(10))
+    (tmp_path / "shard-p000-000000.arrow").unlink()
+    with pytest.raises(DamagedShard, match="shard-p000-000000.arrow is damaged"):
+        load_cache(tmp_path, FINGERPRINT)
 
 
 def test_fingerprint_refusal_and_rebuild(tmp_path):

@@ -43,3 +43,32 @@ def test_save_rotates_and_restores_registered_state(tmp_path):
     assert not list(tmp_path.glob(".checkpoint-*"))
     accelerator.load_state(str(tmp_path / "checkpoint-2"))
     assert counter.value == 2 and optimizer is not None
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path, monkeypatch, caplog):
+    accelerator = Accelerator(cpu=True)
+    counter = Counter()
+    accelerator.prepare(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1))
+    accelerator.register_for_checkpointing(counter)
+    run = {"run_id": "r", "identity": {}}
+    assert save_checkpoint(accelerator, tmp_path, 1, total_limit=1, run=run) == tmp_path / "checkpoint-1"
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoint-1").rglob("*") if p.is_file()}
+    assert (tmp_path / "checkpoint-1" / "run.json").is_file()
+    save_state = accelerator.save_state
+
+    def disk_full(folder):
+        save_state(folder)  # writes part of the state, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", disk_full)
+    counter.value = 2
+    with caplog.at_level("WARNING"):
+        assert save_checkpoint(accelerator, tmp_path, 2, total_limit=1, run=run) is None
+    assert "could not write checkpoint-2 (OSError: [Errno 28] No space left on device)" in caplog.text
+    assert "earlier checkpoints checkpoint-1 are untouched; training continues" in caplog.text
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-1"]  # rotation did not delete the good one
+    assert not list(tmp_path.glob(".checkpoint-*"))
+    assert before == {p: p.read_bytes() for p in (tmp_path / "checkpoint-1").rglob("*") if p.is_file()}
+    monkeypatch.setattr(accelerator, "save_state", save_state)
+    assert save_checkpoint(accelerator, tmp_path, 3, total_limit=1, run=run) == tmp_path / "checkpoint-3"
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-3"]

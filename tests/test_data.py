@@ -25,6 +25,7 @@ from common.data import (
     source_hash,
     token_grid,
 )
+from common.errors import UserError
 from common.models import get_model
 
 # The processor every pipeline builds: VaeImageProcessor(vae_scale_factor=vae_scale_factor * 2).
@@ -168,6 +169,14 @@ def test_every_layout_reads_the_same_rows(tmp_path, layout):
     for row, item in zip(rows, CONTENT.values(), strict=True):
         assert row.prompt == item["prompt"]
         assert _pixels(row.target, row, "image") == item["target"].tobytes()
+        if layout == "parallel" and not item["controls"]:
+            # control_0/ lists a control for every target: a missing one is a bad row naming the file, not a row
+            # without reference.
+            missing = str(path / "control_0" / f"{row.sample_id}.png")
+            assert row.controls == (missing,)
+            with pytest.raises(BadSampleError, match=f"No such file.*control_0: {missing}"):
+                load_rgb(row.controls[0], row=row, what="control_0")
+            continue
         controls = [_pixels(c, row, f"control_{k}") for k, c in enumerate(row.controls)]
         assert controls == [c.tobytes() for c in item["controls"]]
         if "mask" in item:
@@ -375,8 +384,13 @@ def test_prepare_rejects_unknown_model_and_mismatched_mask():
     row = _row(_image(64, 64, 1), mask=_left_mask(64, 32, 16))
     with pytest.raises(BadSampleError, match="another aspect ratio"):
         prepare_sample(row, "flux_kontext", policy)
-    with pytest.raises(BadSampleError, match="one control image"):
-        prepare_sample(_row(_image(64, 64, 1), [_image(32, 32, 2)] * 2), "qwen_edit", policy)
+    # Both single-reference pipelines refuse a second reference before anything is decoded or cached.
+    two = _row(_image(64, 64, 1), [_image(32, 32, 2)] * 2)
+    with pytest.raises(BadSampleError, match="Qwen-Image-Edit takes one control image, got 2"):
+        prepare_sample(two, "qwen_edit", policy)
+    with pytest.raises(BadSampleError, match=r"FLUX.1 Kontext takes one control image, got 2 \(control_1"):
+        prepare_sample(two, "flux_kontext", policy)
+    assert len(prepare_sample(two, "qwen_edit_plus", policy).controls) == 2
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
@@ -487,3 +501,133 @@ def test_manifest_rejects_non_path_cells(tmp_path):
     (tmp_path / "m.jsonl").write_text(json.dumps({"image": 3, "prompt": "p"}))
     with pytest.raises(ValueError, match="m.jsonl:1: 'image' must be a path"):
         read_rows(tmp_path / "m.jsonl")
+
+
+# --- image modes, folder gaps, malformed manifests, crops (issue 11) ---------------------------------------------
+
+
+def _saved(image: PIL.Image.Image, path: Path, **options) -> Path:
+    image.save(path, **options)
+    return path
+
+
+def _mode_cases(tmp_path: Path) -> dict[str, tuple[PIL.Image.Image | Path, np.ndarray, int]]:
+    """{mode: (image in that mode or a file that opens in it, reference RGB uint8 array, tolerance)}."""
+    from PIL import ImageCms
+
+    rgb = _image(24, 16, 11)
+    ref = np.asarray(rgb)
+    gray = np.asarray(rgb.convert("L"))
+    gray3 = np.repeat(gray[..., None], 3, axis=2)
+    wide = np.clip(gray.astype(np.int64) * 257 - 60, 0, 65535)  # 16-bit values; reference: round(v * 255 / 65535)
+    wide_ref = np.repeat(np.round(wide * 255 / 65535).astype(np.uint8)[..., None], 3, axis=2)
+    wide = wide.astype(np.uint16)
+    bits = gray > 127
+    lab = ImageCms.applyTransform(
+        rgb, ImageCms.buildTransform(ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB")
+    )
+    palette = rgb.quantize(64)
+    return {
+        "1": (PIL.Image.fromarray(bits), np.repeat((bits * 255).astype(np.uint8)[..., None], 3, axis=2), 0),
+        "L": (_saved(rgb.convert("L"), tmp_path / "l.png"), gray3, 0),
+        "LA": (_saved(rgb.convert("LA"), tmp_path / "la.png"), gray3, 0),
+        "La": (rgb.convert("LA"), gray3, 0),  # premultiplied below
+        "P": (_saved(palette, tmp_path / "p.png"), np.asarray(palette.convert("RGB")), 0),
+        "PA": (palette.convert("PA"), np.asarray(palette.convert("RGB")), 0),
+        "RGB": (_saved(rgb, tmp_path / "rgb.png"), ref, 0),
+        "RGBA": (_saved(rgb.convert("RGBA"), tmp_path / "rgba.png"), ref, 0),
+        "RGBa": (rgb.convert("RGBa"), ref, 0),
+        "RGBX": (rgb.convert("RGBX"), ref, 0),
+        "CMYK": (_saved(rgb.convert("CMYK"), tmp_path / "cmyk.tif"), ref, 0),
+        "YCbCr": (rgb.convert("YCbCr"), ref, 6),
+        "LAB": (lab, ref, 30),  # 8-bit Lab quantisation; PIL's and littleCMS's round trips agree to this bound
+        "HSV": (rgb.convert("HSV"), ref, 6),
+        "I": (_saved(rgb.convert("L").convert("I"), tmp_path / "i.tif"), gray3, 0),
+        "I;16": (_saved(PIL.Image.fromarray(wide), tmp_path / "i16.png"), wide_ref, 0),
+        "I;16B": (PIL.Image.frombytes("I;16B", rgb.size, wide.astype(">u2").tobytes()), wide_ref, 0),
+    }
+
+
+def test_every_image_mode_converts_like_its_reference_or_is_refused_by_name(tmp_path):
+    cases = _mode_cases(tmp_path)
+    cases["La"] = (cases["La"][0].convert("La"), cases["La"][1], 0)
+    for mode, (source, reference, tolerance) in cases.items():
+        if isinstance(source, Path):
+            with PIL.Image.open(source) as opened:
+                assert opened.mode == mode, (mode, opened.mode)
+        else:
+            assert source.mode == mode
+        row = EditRow(0, mode, str(source) if isinstance(source, Path) else source, (), "p", None, {"image": mode})
+        got = np.asarray(load_rgb(row.target, row=row, what="image")).astype(int)
+        assert got.shape == reference.shape, mode
+        assert np.abs(got - reference).max() <= tolerance, (mode, np.abs(got - reference).max())
+    # PIL's own conversion turns a 16-bit image white: the case above would catch it.
+    assert np.asarray(PIL.Image.open(tmp_path / "i16.png").convert("RGB")).min() == 255
+    # Value ranges we cannot know are refused by name.
+    floats = _saved(
+        PIL.Image.fromarray(np.random.default_rng(0).random((16, 16), dtype=np.float32)), tmp_path / "f.tif"
+    )
+    big = _saved(PIL.Image.fromarray(np.full((16, 16), 70000, dtype=np.int32)), tmp_path / "i32.tif")
+    for path, message in ((floats, r"floating-point image \(mode F\)"), (big, r"mode I\) with values 70000")):
+        row = EditRow(0, "x", str(path), (), "p", None, {"image": str(path)})
+        with pytest.raises(BadSampleError, match=f"{message}.*image: {path}"):
+            load_rgb(row.target, row=row, what="image")
+    tiny = EditRow(0, "t", _image(8, 40, 0), (), "p", None, {"image": "t.png"})
+    with pytest.raises(BadSampleError, match="8x40, smaller than one 16-px latent token"):
+        load_rgb(tiny.target, row=tiny, what="image")
+
+
+def test_a_missing_control_in_a_folder_is_a_bad_row_not_a_row_without_reference(tmp_path):
+    for stem in ("a", "b"):
+        _image(32, 32, 0).save(tmp_path / f"{stem}.png")
+        (tmp_path / f"{stem}.txt").write_text("edit")
+    _image(32, 32, 1).save(tmp_path / "a_control_1.png")  # a_control_0 is missing: a gap
+    rows = read_rows(tmp_path)
+    assert rows[0].controls == (str(tmp_path / "a_control_0.png"), str(tmp_path / "a_control_1.png"))
+    assert rows[1].controls == ()  # no control at all: a row without reference (counted in the summary)
+    policy = get_model("qwen_edit_plus").policy(target_area=32 * 32)
+    with pytest.raises(BadSampleError, match=r"bad sample 'a'.*control_0: .*a_control_0\.png"):
+        prepare_sample(rows[0], "qwen_edit_plus", policy)
+    _image(32, 32, 1).save(tmp_path / "b_control.png")
+    _image(32, 32, 1).save(tmp_path / "b_control_0.png")
+    with pytest.raises(ValueError, match="two files for the same image"):
+        read_rows(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("image,prompt\nt.png,edit,extra\n", r"m.csv:2: 3 cells, the header has 2"),
+        ("image,prompt\nt.png\n", r"m.csv:2: 1 cells, the header has 2"),
+        ('image,prompt\nt.png,"edit\nu.png,other\n', r"m.csv:\d+: malformed CSV|m.csv:2: 2 cells"),
+        ('image,control,prompt\nt.png,"c.png\nu.png",edit\n', r"m.csv:2: control .* spans lines"),
+        ("image,image,prompt\nt.png,u.png,edit\n", r"m.csv:1: header names must be unique"),
+        ("", r"m.csv:1: empty CSV file"),
+    ],
+)
+def test_malformed_csv_lines_are_errors_with_file_and_line(tmp_path, text, message):
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(UserError, match=message):
+        read_rows(tmp_path / "m.csv")
+
+
+def test_malformed_jsonl_lines_are_errors_with_file_and_line(tmp_path):
+    path = tmp_path / "m.jsonl"
+    for line, message in [
+        ('{"image": "t.png", "prompt": ["a", "b"]}', r"m.jsonl:2: the caption must be text"),
+        ('{"image": "t.png", "prompt": 3}', r"m.jsonl:2: the caption must be text"),
+        ('{"image": ["t.png"], "prompt": "p"}', r"m.jsonl:2: 'image' must be a path"),
+        ('{"image": "t.png", "prompt": "p"', r"m.jsonl:2: invalid JSON"),
+        ('["t.png", "p"]', r"m.jsonl:2: expected a JSON object"),
+    ]:
+        path.write_text('{"image": "t.png", "prompt": "ok"}\n' + line + "\n")
+        with pytest.raises(UserError, match=message):
+            read_rows(path)
+
+
+def test_crops_are_measured_per_image():
+    policy = get_model("flux_kontext").policy(target_area=64 * 64, max_aspect_ratio=2.0)
+    sample = prepare_sample(_row(_image(200, 40, 0), [_image(64, 64, 1)]), "flux_kontext", policy)
+    assert sample.crops == {"image": pytest.approx(1 - 80 / 200)}  # 5:1 cut to 2:1 keeps 80 of 200 columns
+    assert sample.cropped == pytest.approx(0.6)
+    assert prepare_sample(_row(_image(64, 48, 0)), "flux_kontext", policy).cropped == 0.0

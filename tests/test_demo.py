@@ -40,3 +40,13 @@ def test_demo_data_mixes_sizes_and_reference_counts(tmp_path):
     controls = [len(list(tmp_path.glob(f"{i:03d}_control*.png"))) for i in range(8)]
     assert set(controls) == {0, 1, 2}
     assert (tmp_path / "000.txt").read_text() == "make the first shape red"
+
+
+def test_a_second_demo_writes_next_to_the_first_instead_of_over_it(tmp_path, capsys):
+    from common.demo import fresh_output_dir
+
+    assert fresh_output_dir(tmp_path, "flux_kontext") == tmp_path / "flux_kontext"
+    (tmp_path / "flux_kontext").mkdir()
+    (tmp_path / "flux_kontext" / "pytorch_lora_weights.safetensors").write_bytes(b"first run")
+    assert fresh_output_dir(tmp_path, "flux_kontext") == tmp_path / "flux_kontext-2"
+    assert "this one writes to" in capsys.readouterr().out

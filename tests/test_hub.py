@@ -14,9 +14,10 @@ from common.hub import HubUnavailable, create_hub_repo, shared_files
 
 def test_push_to_hub_offline_fails_in_one_line_before_training(tmp_path):
     out = tmp_path / "out"
-    # Model and cache do not exist: had anything been loaded first, the error would name them instead.
+    # Model (a hub name, so the flag check lets it pass) and cache do not exist: had anything been loaded first, the
+    # error would name them instead.
     argv = [
-        "--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--cache_dir", str(tmp_path / "no-cache"),
+        "--pretrained_model_name_or_path", "nobody/no-model", "--cache_dir", str(tmp_path / "no-cache"),
         "--output_dir", str(out), "--report_to", "none", "--push_to_hub", "--hub_model_id", "me/lora",
     ]  # fmt: skip
     result = subprocess.run(
@@ -27,7 +28,7 @@ def test_push_to_hub_offline_fails_in_one_line_before_training(tmp_path):
         text=True,
         timeout=300,
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines[-1] == "error: --push_to_hub: HF_HUB_OFFLINE is set, so 'me/lora' cannot be created or uploaded to"

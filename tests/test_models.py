@@ -125,7 +125,7 @@ def test_a_new_model_is_one_description(tmp_path, monkeypatch):
 
 def argparse_namespace(flags: list[str]):
     """The data flags of `flags` parsed as precompute_cache.py parses them."""
-    required = ["--pretrained_model_name_or_path", "m", "--dataset", "d", "--cache_dir", "c"]
+    required = ["--pretrained_model_name_or_path", "org/model", "--dataset", "d", "--cache_dir", "c"]  # a hub name
     return precompute_cache.parse_args(["--model", "flux_kontext", *required, *flags])
 
 

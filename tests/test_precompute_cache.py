@@ -1,5 +1,6 @@
 """precompute_cache.py end to end on the tiny kit: cached tensors equal a fresh encode of the same sample."""
 
+import json
 import os
 import signal
 import subprocess
@@ -15,10 +16,11 @@ from PIL import Image
 from test_cache import assert_same
 
 import precompute_cache
-from common.cache import CachedRows, FingerprintMismatch, cache_info, load_cache, unflatten_row
+from common.cache import CachedRows, DamagedShard, FingerprintMismatch, cache_info, load_cache, unflatten_row
 from common.cli import resolution_policy
 from common.data import prepare_sample, read_rows
 from common.encoders import load_encoders
+from common.errors import UserError
 from common.training_data import data_fingerprint
 
 SIZES = [(96, 64), (64, 64), (48, 112), (80, 48)]  # (width, height) of targets; controls get other sizes
@@ -55,7 +57,7 @@ def test_cached_rows_equal_fresh_encode(tmp_path, tiny_checkpoint, model, kit, c
     argv = run(model, tiny_checkpoint(kit), dataset, tmp_path / "cache")
     args = precompute_cache.parse_args(argv)
     rows = read_rows(dataset)
-    cached = load_cache(tmp_path / "cache", data_fingerprint(args, model, rows))
+    cached = load_cache(tmp_path / "cache", data_fingerprint(args, model, encoder_dtype="no"))
     assert len(cached) == len(SIZES) and cached[0]["version"] == "2.0"
     encoders = load_encoders(model, str(tiny_checkpoint(kit)))
     policy = resolution_policy(args, model)
@@ -80,7 +82,7 @@ def test_changed_settings_are_refused_and_rebuild_redoes(tmp_path, tiny_checkpoi
     dataset = write_folder(tmp_path / "data")
     argv = run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache")
     args = precompute_cache.parse_args(argv[:-5] + ["--multi_resolutions", "64*64", "--shard_size", "2"])
-    wanted = data_fingerprint(args, args.model, read_rows(dataset))
+    wanted = data_fingerprint(args, args.model, encoder_dtype="no")
     with pytest.raises(FingerprintMismatch, match="multi_resolutions"):
         load_cache(tmp_path / "cache", wanted)
     with pytest.raises(FingerprintMismatch, match="multi_resolutions"):
@@ -104,12 +106,12 @@ def args_list(args) -> list[str]:
     ]
 
 
-def test_bad_image_names_row_and_file_or_is_skipped(tmp_path, tiny_checkpoint, capsys):
+def test_bad_image_names_row_and_file_or_is_skipped(tmp_path, tiny_checkpoint, caplog):
     dataset = write_folder(tmp_path / "data", corrupt="s2_control.png")
     with pytest.raises(ValueError, match=r"s2.*s2_control\.png"):
         run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache")
     run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, tmp_path / "cache2", "--skip_bad_samples")
-    assert "skipped 1 bad sample(s)" in capsys.readouterr().out
+    assert "4 rows, 3 rows used, 1 skipped" in caplog.text and "skipped s2: bad sample 's2'" in caplog.text
     assert len(load_cache(tmp_path / "cache2")) == len(SIZES) - 1
     assert [s["sample_id"] for s in cache_info(tmp_path / "cache2")["skipped"]] == ["s2"]
 
@@ -199,3 +201,59 @@ def test_sigkill_then_rerun_keeps_finished_shards(tmp_path, tiny_checkpoint):
     assert len(resumed) == len(uninterrupted) == 12
     for i in range(12):
         assert_same(resumed[i], uninterrupted[i])
+
+
+def test_damaged_shard_and_edited_rows_re_encode_only_those_rows(tmp_path, tiny_checkpoint):
+    """Real processes (one CPU thread each, so all compute the same bits): a truncated shard is named by the
+    trainer-side loader, and rerunning precompute_cache.py (with another spelling of the same sizes) re-encodes only
+    its rows, giving a cache equal to a clean one; editing one caption then re-encodes exactly one row."""
+    import shutil
+
+    dataset = write_folder(tmp_path / "data", rows=6)
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+
+    def precompute(cache: Path, *sizes: str) -> str:
+        argv = ["--model", "flux_kontext", "--pretrained_model_name_or_path", str(tiny_checkpoint("flux_kontext"))]
+        argv += ["--dataset", str(dataset), "--cache_dir", str(cache), "--shard_size", "2", "--multi_resolutions"]
+        command = [sys.executable, "precompute_cache.py", *argv, *(sizes or ("48*48", "64*96"))]
+        result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    clean, repaired = tmp_path / "clean", tmp_path / "repaired"
+    precompute(clean)
+    shutil.copytree(clean, repaired)
+    shard = repaired / "shard-p000-000001.arrow"
+    shard.write_bytes(shard.read_bytes()[:-200])
+    with pytest.raises(DamagedShard, match=f"cache shard {shard} is damaged"):
+        load_cache(repaired)
+    stamps = {p.name: p.stat().st_mtime_ns for p in repaired.glob("shard-*") if p != shard}
+    log = precompute(repaired, "96x64", "2304")  # the same areas, spelled otherwise
+    assert "4 of 6 rows are already in the cache" in log and "encoding 2 rows" in log
+    assert {p.name: p.stat().st_mtime_ns for p in repaired.glob("shard-*") if p.name in stamps} == stamps
+    a, b = CachedRows(load_cache(clean)), CachedRows(load_cache(repaired))
+    assert len(a) == len(b) == 6
+    for i in range(6):
+        assert_same(b[i], a[i])
+
+    (dataset / "s3.txt").write_text("a caption fixed by the user")
+    log = precompute(repaired)
+    assert "5 of 6 rows are already in the cache" in log and "encoding 1 rows" in log
+    edited = CachedRows(load_cache(repaired))
+    assert [edited[i]["sample_id"] for i in range(6)] == [f"s{i}" for i in range(6)]
+    changed = [i for i in range(6) if not torch.equal(edited[i]["prompt_embeds"], a[i]["prompt_embeds"])]
+    assert changed == [3]
+
+
+def test_missing_manifest_file_is_a_bad_row_that_can_be_skipped(tmp_path, tiny_checkpoint, caplog):
+    data = write_folder(tmp_path / "data", rows=3)
+    lines = [{"image": f"s{i}.png", "control": f"s{i}_control.png", "prompt": f"edit {i}"} for i in range(3)]
+    lines[1]["control"] = "gone.png"
+    (data / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(UserError, match=r"bad sample 'm.jsonl:2'.*control_0: .*gone\.png.*--skip_bad_samples"):
+        run("flux_kontext", tiny_checkpoint("flux_kontext"), data / "m.jsonl", tmp_path / "cache")
+    caplog.set_level("INFO")
+    run("flux_kontext", tiny_checkpoint("flux_kontext"), data / "m.jsonl", tmp_path / "cache", "--skip_bad_samples")
+    assert "3 rows, 2 rows used, 1 skipped" in caplog.text
+    assert [s["sample_id"] for s in cache_info(tmp_path / "cache")["skipped"]] == ["m.jsonl:2"]

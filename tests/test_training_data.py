@@ -15,6 +15,7 @@ import precompute_cache
 from common.cache import CacheNotFinished, CacheWriter, FingerprintMismatch, cache_info, load_cache, token_counts
 from common.cli import resolution_policy
 from common.data import BadSampleError
+from common.errors import UserError
 from common.models import get_model
 from common.training_data import data_fingerprint, open_training_data, precompute_command
 
@@ -23,7 +24,7 @@ CPU = torch.device("cpu")
 SIZES = [(96, 64), (64, 64), (48, 112), (80, 48), (64, 96), (112, 48)]
 # Keys of every item, cached or not; FLUX adds "pooled_prompt_embeds", Qwen "empty_prompt_embeds".
 ITEM_KEYS = {"index", "version", "sample_id", "sources", "img_shapes", "mask"}
-ITEM_KEYS |= {"target_latents", "control_latents", "prompt_embeds"}
+ITEM_KEYS |= {"target_latents", "control_latents", "prompt_embeds", "cropped"}
 
 
 def write_pairs(root: Path, controls: list[int], corrupt: str | None = None) -> Path:
@@ -113,7 +114,7 @@ def test_uncached_items_equal_cached_items(tmp_path, tiny_checkpoint, model, con
         assert all(e.shape[0] > t.shape[0] for e in with_images for t in text_only[:1])
 
 
-def test_uncached_bad_rows_raise_or_are_skipped_like_the_cache(tmp_path, tiny_checkpoint, capsys):
+def test_uncached_bad_rows_raise_or_are_skipped_like_the_cache(tmp_path, tiny_checkpoint, caplog):
     dataset = write_pairs(tmp_path / "data", [1, 1, 1, 0], corrupt="s1_control.png")
     checkpoint = tiny_checkpoint("flux_kontext")
     args = precompute("flux_kontext", checkpoint, dataset, tmp_path / "cache", "--skip_bad_samples")
@@ -121,11 +122,18 @@ def test_uncached_bad_rows_raise_or_are_skipped_like_the_cache(tmp_path, tiny_ch
     with pytest.raises(BadSampleError, match=r"'s1'.*s1_control\.png") as info:
         open_training_data(uncached, "flux_kontext", CPU, torch.float32)
     assert (info.value.sample_id, info.value.path) == ("s1", str(dataset / "s1_control.png"))
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level("INFO")
     skipped = open_training_data(flags(uncached, skip_bad_samples=True), "flux_kontext", CPU, torch.float32)
-    out = capsys.readouterr().out
-    assert "skipped 1 bad sample(s)" in out and str(dataset / "s1_control.png") in out
+    summary = "4 rows, 3 rows used, 1 skipped, 1 without control image, 0 cropped by more than 10% of an image"
+    assert f"dataset {dataset}: {summary}" in caplog.text
+    assert (
+        "skipped s1: bad sample 's1': cannot read image" in caplog.text
+        and str(dataset / "s1_control.png") in caplog.text
+    )
+    caplog.clear()
     cached = open_training_data(args, "flux_kontext", CPU, torch.float32)
+    assert f"cache {args.cache_dir}: {summary}" in caplog.text  # the same summary from the cache's own records
     assert [skipped.dataset[i]["sample_id"] for i in range(3)] == ["s0", "s2", "s3"]
     assert skipped.lengths == cached.lengths and len(skipped.dataset) == len(cached.dataset) == 3
     for i in range(3):
@@ -138,7 +146,7 @@ def test_changed_settings_or_data_are_refused(tmp_path, tiny_checkpoint):
     for given in (args, flags(args, dataset=None)):
         with pytest.raises(FingerprintMismatch) as info:
             open_training_data(flags(given, multi_resolutions=["64*64"]), "flux_kontext", CPU, torch.float32)
-        assert info.value.differences == ["multi_resolutions: cached ['48*48', '64*96'], requested ['64*64']"]
+        assert info.value.differences == ["multi_resolutions: cached [2304, 6144], requested [4096]"]
         assert "precompute_cache.py" in str(info.value) and "--rebuild_cache" in str(info.value)
         with pytest.raises(FingerprintMismatch, match="max_sequence_length: cached 512, requested 64"):
             open_training_data(flags(given, max_sequence_length=64), "flux_kontext", CPU, torch.float32)
@@ -148,10 +156,18 @@ def test_changed_settings_or_data_are_refused(tmp_path, tiny_checkpoint):
     del args.max_sequence_length
     assert open_training_data(args, "flux_kontext", CPU, torch.float32).cached
 
+    # Settings are compared by meaning: other spellings of the same sizes are the same cache.
+    same = flags(
+        args,
+        multi_resolutions=["96x64", "2304"],
+        pretrained_model_name_or_path=f"{args.pretrained_model_name_or_path}/.",
+    )
+    assert len(open_training_data(same, "flux_kontext", CPU, torch.float32).dataset) == 2
     (dataset / "s1.txt").write_text("a different caption")
-    with pytest.raises(FingerprintMismatch, match="sources_sha256") as info:
+    with pytest.raises(
+        UserError, match=r"does not match --dataset .*: 1 row\(s\) changed.*\['s1'\].*precompute_cache.py"
+    ):
         open_training_data(args, "flux_kontext", CPU, torch.float32)
-    assert [d.split(":")[0] for d in info.value.differences] == ["sources_sha256"]
     # Without --dataset only the settings can be checked.
     assert len(open_training_data(flags(args, dataset=None), "flux_kontext", CPU, torch.float32).dataset) == 2
 

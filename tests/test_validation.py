@@ -164,7 +164,10 @@ def test_qwen_edit_plus_batch_equals_stock_pipeline_per_sample(
         _check_equal(latents[k], rendered[k], stock)
 
 
-def test_validation_rows_check_the_reference_count() -> None:
+def test_validation_rows_check_the_reference_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("a.png", "b.png", "c.png"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
     rows = validation_rows(["edit it", "merge them"], ["a.png", " b.png , c.png "], "qwen_edit_plus")
     assert [(r.target, r.controls) for r in rows] == [("a.png", ("a.png",)), ("b.png", ("b.png", "c.png"))]
     assert rows[1].sources == {
@@ -175,6 +178,8 @@ def test_validation_rows_check_the_reference_count() -> None:
     }
     with pytest.raises(ValueError, match="takes one control image"):
         validation_rows(["edit"], ["a.png,b.png"], "flux_kontext")
+    with pytest.raises(ValueError, match="no such file d.png"):
+        validation_rows(["edit"], ["a.png,d.png"], "qwen_edit_plus")
     with pytest.raises(ValueError, match="names no image"):
         validation_rows(["edit"], [" , "], "qwen_edit_plus")
 

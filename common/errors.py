@@ -1,0 +1,58 @@
+"""What the user sees when something goes wrong: one line for their mistakes, a traceback for our bugs.
+
+A `UserError` is a mistake the user can fix (a flag out of range, a missing file, a bad row, a cache built with
+other settings): the scripts' entry point (`run_script`) prints its message as one line and exits with status 2,
+without a traceback. Anything else is a bug and keeps its traceback. Under `accelerate launch`, accelerate itself
+adds a `CalledProcessError` traceback for any failed child; `accelerate launch -q` hides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+EXIT_USER_ERROR = 2
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler writing to whatever sys.stderr is at the time (redirections and test capture see it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record to the current sys.stderr."""
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+_HANDLER = _StderrHandler()
+_HANDLER.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+
+
+class UserError(ValueError):
+    """A mistake in the user's flags, files or data; its message names the flag, file or row and how to fix it."""
+
+
+def run_script(main: Callable[[], T]) -> T:
+    """Run a script's main: a UserError becomes one line on stderr and exit status 2; other errors propagate."""
+    try:
+        return main()
+    except UserError as error:
+        rank = int(os.environ.get("RANK", "0"))
+        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"{prefix}error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def configure_logging(quiet: bool = False) -> None:
+    """INFO lines of this project's loggers on stderr (WARNING with quiet); library loggers are left as they are.
+
+    accelerate's `get_logger` adapters filter by process themselves, so main-process-only lines stay on rank 0.
+    """
+    for name in ("common", "__main__", "precompute_cache"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING if quiet else logging.INFO)
+        if _HANDLER not in logger.handlers:
+            logger.addHandler(_HANDLER)

@@ -1,0 +1,146 @@
+"""User mistakes end as one line before any weights load; earlier results are never touched; INFO lines show.
+
+Real subprocesses of the training scripts on the tiny kit. An audit hook (`sys.addaudithook`, event "open")
+records every file the script opens under the model folder, so "before any model file is opened" is observed,
+not inferred; the first case shows the hook does see the model files of a run that gets that far.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import trainer_harness as h
+
+from common.errors import UserError
+
+MODEL = "flux_kontext"
+# Runs a script as __main__ with an audit hook printing each opened file under MODEL_DIR to stderr.
+AUDITED = """
+import os, runpy, sys
+root = os.environ["MODEL_DIR"]
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and os.fsdecode(args[0]).startswith(root):
+        sys.stderr.write(f"AUDIT-OPEN {os.fsdecode(args[0])}\\n")
+sys.addaudithook(hook)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def audited_run(checkpoint, argv, script="train_flux_kontext.py"):
+    """(exit status, stderr lines) of a script with the audit hook on `checkpoint`."""
+    env = {**h.ENV, "PYTHONPATH": str(h.ROOT), "MODEL_DIR": str(checkpoint)}
+    script = str(h.ROOT / script)
+    result = subprocess.run(
+        [sys.executable, "-c", AUDITED, script, *argv], cwd=h.ROOT, env=env, capture_output=True, text=True
+    )
+    return result.returncode, result.stderr.splitlines()
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def user_error_lines(lines):
+    """The output of a refused run: exactly one error line, no traceback, no model file opened."""
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
+    assert not [line for line in lines if line.startswith("AUDIT-OPEN")], "a model file was opened"
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, "\n".join(lines)
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("errors")
+    checkpoint = tiny_checkpoint(MODEL)
+    flags = h.data_flags(MODEL, checkpoint, h.dataset(root, MODEL, rows=4))
+    return root, checkpoint, flags
+
+
+def test_used_output_dir_is_refused_untouched_and_latest_resumes_the_same_run(setup):
+    root, checkpoint, flags = setup
+    out = root / "out"
+    argv = [*flags, *h.train_flags(out, "--max_train_steps", "2", "--checkpointing_steps", "1")]
+    status, lines = audited_run(checkpoint, argv)
+    assert status == 0, "\n".join(lines[-30:])
+    assert any(line.startswith("AUDIT-OPEN") for line in lines), "the hook must see the model files being read"
+    info = [line for line in lines if line.startswith("INFO ")]
+    for expected in ("configuration: flux_kontext", "rows used", "expected padding ratio", "LoRA weights written"):
+        assert any(expected in line for line in info), (expected, info)
+
+    before = snapshot(out)
+    assert {"checkpoint-1", "checkpoint-2", "run.json", "metrics.jsonl"} <= {p.parts[0] for p in before}
+    status, lines = audited_run(checkpoint, [*argv, "--learning_rate", "5e-4"])
+    assert status == 2
+    error = user_error_lines(lines)
+    assert "already holds the results of another run" in error and "--resume_from_checkpoint latest" in error
+    assert snapshot(out) == before  # byte-identical
+
+    resumed = [*flags, *h.train_flags(out, "--max_train_steps", "3", "--checkpointing_steps", "1"), "--quiet"]
+    status, lines = audited_run(checkpoint, [*resumed, "--resume_from_checkpoint", "latest"])
+    assert status == 0, "\n".join(lines[-30:])
+    assert not [line for line in lines if line.startswith("INFO ")]
+    assert [r["step"] for r in h.metrics(out)] == [1, 2, 3]
+    assert json.loads((out / "checkpoint-3" / "run.json").read_text()) == json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--dataset", "/nonexistent/pairs"], "dataset '/nonexistent/pairs': no such file or folder"),
+        (["--cache_dir", "/nonexistent/cache"], "no cache at /nonexistent/cache"),
+        (["--max_grad_norm", "-1"], "--max_grad_norm must be > 0, got -1.0"),
+    ],
+)
+def test_mistakes_are_one_line_before_any_model_file_is_opened(setup, change, message):
+    root, checkpoint, flags = setup
+    status, lines = audited_run(checkpoint, [*flags, *h.train_flags(root / "never"), *change])
+    assert status == 2
+    assert message in user_error_lines(lines)
+    assert not (root / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max_grad_norm", "-1", "must be > 0"),
+        ("--lora_alpha", "0", "must be > 0"),
+        ("--rank", "0", "must be >= 1"),
+        ("--learning_rate", "nan", "must be > 0"),
+        ("--control_dropout", "1.5", "must be >= 0 and <= 1"),
+        ("--adam_beta2", "1", "must be >= 0 and < 1"),
+        ("--max_train_steps", "0", "must be >= 1"),
+        ("--seed", "-3", "must be >= 0"),
+        ("--max_sequence_length", "600", "<= 512"),
+        ("--lr_scheduler", "cosin", "expected one of"),
+        ("--max_aspect_ratio", "0.5", ">= 1"),
+    ],
+)
+def test_every_numeric_flag_has_a_range(setup, flag, value, message):
+    import train_flux_kontext
+
+    _, _, flags = setup
+    with pytest.raises(UserError, match=f"{flag}.*{message}" if flag != "--lr_scheduler" else message):
+        train_flux_kontext.parse_args([*flags, flag, value])
+
+
+def test_precompute_refuses_rows_the_model_cannot_take_before_encoding_and_fails_on_no_usable_rows(setup, tmp_path):
+    """FLUX.1 Kontext takes one reference: rows with two are refused up front (not at the training step that draws
+    them); with --skip_bad_samples and every row bad, the run fails instead of reporting success with 0 rows."""
+    _, checkpoint, _ = setup
+    data = h.dataset(tmp_path, "qwen_edit_plus", rows=4)  # rows with 1, 2, 1, 0 controls
+    argv = ["--model", MODEL, *h.data_flags(MODEL, checkpoint, data), "--cache_dir", str(tmp_path / "cache")]
+    status, lines = audited_run(checkpoint, argv, "precompute_cache.py")
+    assert status == 2
+    error = user_error_lines(lines)
+    assert "bad sample '001': FLUX.1 Kontext takes one control image, got 2" in error
+    assert f"control_1: {data / '001_control_1.png'}" in error and "--skip_bad_samples" in error
+    assert not list((tmp_path / "cache").glob("shard-*"))
+
+    for path in data.glob("*.png"):
+        path.write_bytes(b"broken")
+    status, lines = audited_run(checkpoint, [*argv, "--skip_bad_samples"], "precompute_cache.py")
+    assert status == 2, "\n".join(lines[-20:])
+    assert "no usable rows (4 rows, 4 skipped; first: bad sample '000'" in user_error_lines(lines)
