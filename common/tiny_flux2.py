@@ -21,9 +21,9 @@ from diffusers import (
     Flux2Transformer2DModel,
 )
 from transformers import (
-    MistralConfig,
     Mistral3Config,
     Mistral3ForConditionalGeneration,
+    MistralConfig,
     PixtralImageProcessor,
     PixtralProcessor,
     PixtralVisionConfig,
@@ -103,7 +103,8 @@ _MISTRAL_CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'user' %}{{- '[INST]' }}{%- endif %}"
     "{%- if message['content'] is string %}{{- message['content'] }}"
     "{%- else %}{%- for block in message['content'] %}"
-    "{%- if block['type'] == 'text' %}{{- block['text'] }}{%- elif block['type'] == 'image' %}{{- '[IMG]' }}{%- endif %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] == 'image' %}{{- '[IMG]' }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
     "{%- if message['role'] == 'system' %}{{- '[/SYSTEM_PROMPT]' }}"
     "{%- elif message['role'] == 'user' %}{{- '[/INST]' }}"
