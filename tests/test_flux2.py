@@ -5,8 +5,9 @@ import filecmp
 import numpy as np
 import pytest
 import torch
-from conftest import check_flux_control_dropout, check_lora_gradients
+from conftest import check_flux_control_dropout, check_lora_gradients, randomize_lora
 from diffusers import Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
+from peft import LoraConfig
 from PIL import Image
 
 from common.attention import available_backends
@@ -148,6 +149,20 @@ def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, backend, 
     )
     # A and B of 4 projections in each double block, of 2 (fused qkv+MLP in, out) in each single block.
     assert len(grads) == 8 * transformer.config.num_layers + 4 * transformer.config.num_single_layers
+
+
+def test_every_linear_reaches_the_loss(transformer):
+    """Unlike Qwen's last block, no FLUX.2 linear is dead for an image-token loss: the text stream runs through the
+    shared single blocks, so a LoRA on every linear (guidance embedder of [dev] included) trains, as DDP requires."""
+    linears = [name for name, module in transformer.named_modules() if isinstance(module, torch.nn.Linear)]
+    transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=linears))
+    randomize_lora(transformer)
+    out, valid = padded_forward(transformer, **make_batch(transformer, MIXED))
+    out[valid].square().sum().backward()
+    lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
+    assert len(lora) == 2 * len(linears)  # A and B of each
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
 
 
 @torch.no_grad()
