@@ -44,7 +44,7 @@ def transformer(request, checkpoints):
     return Flux2Transformer2DModel.from_pretrained(checkpoints[request.param], subfolder="transformer").eval()
 
 
-def make_batch(transformer, layouts, seed=0):
+def make_batch(transformer, layouts, seed=0, text_len=TEXT_LEN):
     """Per-sample FLUX.2 tokens and ids (target first, then its references at t = 10, 20, ...)."""
     g = torch.Generator().manual_seed(seed)
     config = transformer.config
@@ -53,8 +53,8 @@ def make_batch(transformer, layouts, seed=0):
     return dict(
         hidden_states=[torch.randn(len(i), config.in_channels, generator=g) for i in ids],
         img_ids=ids,
-        encoder_hidden_states=torch.randn(batch, TEXT_LEN, config.joint_attention_dim, generator=g),
-        txt_ids=text_ids(TEXT_LEN),
+        encoder_hidden_states=torch.randn(batch, text_len, config.joint_attention_dim, generator=g),
+        txt_ids=text_ids(text_len),
         timestep=torch.rand(batch, generator=g),
         guidance=torch.full((batch,), 2.5) if config.guidance_embeds else None,
     )
@@ -198,6 +198,44 @@ def test_stock_pipeline_loads_and_runs_the_tiny_checkpoint(model, checkpoints):
     embeds, ids = pipe.encode_prompt("Make the sky blue")
     assert embeds.shape == (1, 512, pipe.transformer.config.joint_attention_dim)
     assert torch.equal(ids[0], text_ids(512))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("model", MODELS)
+def test_pipeline_call_equals_its_sample_in_a_mixed_batch(model, checkpoints):
+    """The stock pipeline's own transformer call (2 references) is reproduced by mixed_forward inside a mixed batch,
+    and its ids are the ones our helpers build."""
+    pipe = PIPELINES[model].from_pretrained(checkpoints[model])
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda _, args, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True
+    )
+    pipe(
+        prompt="Make the sky blue",
+        image=[_image(96, 64), _image(64, 128)],
+        height=64,
+        width=96,
+        num_inference_steps=1,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
+    hook.remove()
+    kwargs, expected = calls[0]
+    assert torch.equal(kwargs["img_ids"][0], sample_ids((4, 6), [(4, 6), (8, 4)]))
+    assert torch.equal(kwargs["txt_ids"][0], text_ids(512))
+    guidance = kwargs["guidance"]
+    assert (guidance is None) == (model == "flux2_klein")
+    second = make_batch(pipe.transformer, [((3, 5), [])], text_len=512)
+    batch = {
+        "hidden_states": [kwargs["hidden_states"][0], *second["hidden_states"]],
+        "img_ids": [kwargs["img_ids"][0], *second["img_ids"]],
+        "encoder_hidden_states": torch.cat([kwargs["encoder_hidden_states"], second["encoder_hidden_states"]]),
+        "txt_ids": kwargs["txt_ids"][0],
+        "timestep": torch.cat([kwargs["timestep"], second["timestep"]]),
+        "guidance": None if guidance is None else torch.cat([guidance, second["guidance"]]),
+    }
+    out = mixed_forward(pipe.transformer, **batch)
+    assert (out[0] - expected[0]).abs().max().item() <= 1e-5
 
 
 @pytest.mark.parametrize("model", MODELS)
