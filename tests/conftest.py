@@ -47,14 +47,23 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check_lora_gradients(
-    transformer, backend, checkpointing, install, padded_forward, stock_single, batch, input_module
+    transformer,
+    backend,
+    checkpointing,
+    install,
+    padded_forward,
+    stock_single,
+    batch,
+    input_module,
+    target_modules=("to_q", "to_k", "to_v", "to_out.0"),
 ):
     """Mixed-batch LoRA gradients equal the sum of per-sample stock gradients; padding gets exactly zero gradient.
 
     Returns the mixed-batch LoRA gradients so the caller can check which tensors were adapted.
     """
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=target_modules))
     randomize_lora(transformer)
     if checkpointing:
         transformer.enable_gradient_checkpointing()
@@ -88,6 +97,20 @@ def check_lora_gradients(
         assert summed[name].abs().sum() > 0, name
         assert relative_error(grad, summed[name]) <= 1e-5, name
     return mixed
+
+
+def check_flux_control_dropout(transformer, batch, targets, padded_forward, stock_single):
+    """FLUX-family control dropout: samples 0 and 2 attend to their first targets[i] (target) tokens only, sample 1
+    to everything. The layout keeps every token; a dropped sample's target equals the stock model on the target
+    alone."""
+    attend = [targets[0], len(batch["hidden_states"][1]), targets[2]]
+    out, valid = padded_forward(transformer, **batch, attend=attend)
+    assert out.shape[1] == max(len(h) for h in batch["hidden_states"])
+    for i in (0, 2):
+        alone = {**batch, "hidden_states": [h[: targets[i]] for h in batch["hidden_states"]]}
+        alone["img_ids"] = [ids[: targets[i]] for ids in batch["img_ids"]]
+        assert (out[i, : targets[i]] - stock_single(transformer, alone, i)).abs().max().item() <= 1e-5
+    assert (out[1, : valid[1].sum()] - stock_single(transformer, batch, 1)).abs().max().item() <= 1e-5
 
 
 @pytest.fixture(scope="class")

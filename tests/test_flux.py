@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import check_lora_gradients
+from conftest import check_flux_control_dropout, check_lora_gradients
 from diffusers import FluxKontextPipeline, FluxTransformer2DModel
 
 from common.attention import available_backends
@@ -120,14 +120,6 @@ def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, backend, 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_control_dropout_keeps_layout_and_equals_target_alone(transformer, backend):
     """attend = target tokens only: the sequence keeps its reference tokens, the target sees none of them."""
-    batch = make_batch(MIXED)
     install_mixed(transformer, backend)
     targets = [t[0] * t[1] for t, _ in MIXED]
-    attend = [targets[0], len(batch["hidden_states"][1]), targets[2]]
-    out, valid = padded_forward(transformer, **batch, attend=attend)
-    assert out.shape[1] == max(len(h) for h in batch["hidden_states"])
-    for i in (0, 2):
-        alone = {**batch, "hidden_states": [h[: targets[i]] for h in batch["hidden_states"]]}
-        alone["img_ids"] = [ids[: targets[i]] for ids in batch["img_ids"]]
-        assert (out[i, : targets[i]] - stock_single(transformer, alone, i)).abs().max().item() <= 1e-5
-    assert (out[1, : valid[1].sum()] - stock_single(transformer, batch, 1)).abs().max().item() <= 1e-5
+    check_flux_control_dropout(transformer, make_batch(MIXED), targets, padded_forward, stock_single)
