@@ -20,8 +20,9 @@ from common.flux2 import (
     sample_ids,
     text_ids,
 )
-from common.tiny_flux2 import MODELS, write_tiny_flux2
+from common.tiny import write_tiny
 
+MODELS = ("flux2_klein", "flux2_dev")
 PIPELINES = {"flux2_klein": Flux2KleinPipeline, "flux2_dev": Flux2Pipeline}
 BACKENDS = available_backends(torch.device("cpu"), torch.float32) + ["auto"]
 TEXT_LEN = 7
@@ -35,7 +36,7 @@ LORA_TARGETS = r".*\.(to_q|to_k|to_v|to_out\.0|to_qkv_mlp_proj)|single_transform
 def checkpoints(tmp_path_factory):
     """Each tiny FLUX.2 checkpoint, written once for the module."""
     root = tmp_path_factory.mktemp("flux2")
-    return {model: write_tiny_flux2(model, root / model) for model in MODELS}
+    return {model: write_tiny(model, root / model) for model in MODELS}
 
 
 @pytest.fixture(params=MODELS)
@@ -240,7 +241,7 @@ def test_pipeline_call_equals_its_sample_in_a_mixed_batch(model, checkpoints):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_tiny_checkpoint_is_byte_identical_run_to_run(model, checkpoints, tmp_path):
-    again = write_tiny_flux2(model, tmp_path / model)
+    again = write_tiny(model, tmp_path / model)
     files = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(checkpoints[model]) for p in checkpoints[model].rglob("*") if p.is_file())
     _, mismatch, errors = filecmp.cmpfiles(checkpoints[model], again, [str(f) for f in files], shallow=False)

@@ -1,0 +1,26 @@
+"""train_flux2.py end to end on the tiny kits: [klein] through every trainer case, with 0, 1, 2 and 3 references
+per sample in one batch; [dev] (Mistral text encoder, guidance embedding) through a cached run."""
+
+import trainer_harness as h
+
+from common.cache import load_cache
+from common.sampler import RandomBatchSampler
+
+
+class TestFlux2Klein(h.TrainerCases, h.EqualSizeCases):
+    MODEL = KIT = "flux2_klein"
+
+    def test_batches_mix_reference_counts(self, kit, cached_run):
+        """The demo rows hold 1, 2, 3, 0 references in turn; the run's batches (seed 7, 3 samples) mix the counts."""
+        rows = load_cache(kit["cache"])
+        counts = [len(row["img_shapes"]) - 1 for row in rows]
+        assert counts == [(1, 2, 3, 0)[i % 4] for i in range(len(rows))]
+        trained = RandomBatchSampler([1] * len(rows), 3, seed=7).global_batches()
+        assert any({counts[i] for i in batch} >= {0, 3} for batch in trained)
+        h.check_run(cached_run[0], steps=4, mixed=True)
+
+
+class TestFlux2Dev:
+    MODEL = KIT = "flux2_dev"
+
+    test_cached_mixed_run_end_to_end = h.TrainerCases.test_cached_mixed_run_end_to_end
