@@ -30,6 +30,7 @@ from common.attention import base_model
 from common.batch import NoisyBatch
 from common.flux_comfyui import BflLayout
 from common.models.base import EditModel
+from common.resolution import ResizePlan
 from common.tiny_components import FLUX2_TRANSFORMER, flux2_dev_components, flux2_klein_components
 
 # `multiple_of = vae_scale_factor * 2` in both pipelines' __call__ (8x VAE, 2x2 patches).
@@ -107,13 +108,20 @@ def add_dev_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def reference_size(width: int, height: int) -> tuple[int, int]:
-    """(w, h) both pipelines' __call__ give a reference of width x height: scaled down to 1024*1024 when larger
-    (`Flux2ImageProcessor._resize_to_target_area`, int truncation), then each side floored to 16."""
+def reference_plan(width: int, height: int) -> ResizePlan:
+    """What both pipelines' __call__ do to a reference of width x height: scale it down to 1024*1024 when larger
+    (`Flux2ImageProcessor._resize_to_target_area`, int truncation), then centre-crop each side to a multiple of 16
+    (`preprocess(..., resize_mode="crop")`, a plain crop in `Flux2ImageProcessor`). As a crop of the original then a
+    resize: pixel-exact up to 1 MP (a crop, no resampling); above, the same region resampled once."""
+    scaled_w, scaled_h = width, height
     if width * height > REFERENCE_MAX_AREA:
         scale = math.sqrt(REFERENCE_MAX_AREA / (width * height))
-        width, height = int(width * scale), int(height * scale)
-    return max(width // MULTIPLE * MULTIPLE, MULTIPLE), max(height // MULTIPLE * MULTIPLE, MULTIPLE)
+        scaled_w, scaled_h = int(width * scale), int(height * scale)
+    w, h = max(scaled_w // MULTIPLE * MULTIPLE, MULTIPLE), max(scaled_h // MULTIPLE * MULTIPLE, MULTIPLE)
+    left, top = max(scaled_w - w, 0) // 2, max(scaled_h - h, 0) // 2
+    fx, fy = width / scaled_w, height / scaled_h  # scaled pixels -> original pixels
+    right, bottom = min(left + w, scaled_w), min(top + h, scaled_h)
+    return ResizePlan((round(left * fx), round(top * fy), round(right * fx), round(bottom * fy)), (w, h))
 
 
 def encode_prompt(
@@ -188,7 +196,7 @@ FLUX2_KLEIN = EditModel(
     multiple=MULTIPLE,
     rounding="floor",  # prepare_latents floors the output size to 16
     max_references=None,
-    inference_reference_size=reference_size,
+    inference_reference_size=reference_plan,
     condition_size=None,
     encode_prompt=encode_prompt,
     encode_image=encode_image,
