@@ -3,7 +3,8 @@
 import torch
 from diffusers import QwenImageEditPipeline
 
-from common.lora import add_lora, load_lora, save_lora
+from common.lora import adapted_modules, add_lora, load_lora, save_lora
+from common.models import flux2
 from common.models.qwen_edit import LORA_TARGETS, unused_modules
 from common.tiny import tiny_transformer
 
@@ -46,3 +47,15 @@ def test_save_and_load_round_trip_exactly(tmp_path):
     load_lora(QwenImageEditPipeline, target, tmp_path)
     theirs = dict(target.named_parameters())
     assert all(torch.equal(p, theirs[n]) for n, p in source.named_parameters() if p.requires_grad)
+
+
+def test_flux2_default_targets_are_every_block_linear():
+    """`attn.to_out` names the single blocks' output linear and the double blocks' [linear, dropout] list; only
+    layers are adapted, so the FLUX.2 defaults cover every block linear and PEFT never sees the list."""
+    transformer = tiny_transformer("flux2_klein")
+    modules = adapted_modules(transformer, list(flux2.LORA_TARGETS))
+    linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in n]
+    assert modules == linears and len(linears) == 2 * 12 + 2 * 2
+    assert "single_transformer_blocks.1.attn.to_out" in modules and "transformer_blocks.0.attn.to_out" not in modules
+    params = add_lora(transformer, 4, 4.0, list(flux2.LORA_TARGETS))
+    assert len(params) == 2 * len(linears)

@@ -1,8 +1,10 @@
 """train_flux2.py end to end on the tiny kits: [klein] through every trainer case, with 0, 1, 2 and 3 references
 per sample in one batch; [dev] (Mistral text encoder, guidance embedding) through a cached run."""
 
+import pytest
 import trainer_harness as h
 
+import train_flux2
 from common.cache import load_cache
 from common.sampler import RandomBatchSampler
 
@@ -26,3 +28,14 @@ class TestFlux2Dev:
     MODEL = KIT = "flux2_dev"
 
     test_cached_mixed_run_end_to_end = h.TrainerCases.test_cached_mixed_run_end_to_end
+
+
+def test_the_checkpoint_names_the_model(tiny_checkpoint):
+    for name in ("flux2_klein", "flux2_dev"):
+        argv = ["--pretrained_model_name_or_path", str(tiny_checkpoint(name)), "--dataset", "d"]
+        assert train_flux2.model_for(argv).name == name
+        assert ("guidance_scale" in vars(train_flux2.parse_args(argv))) == (name == "flux2_dev")
+    assert train_flux2.model_for(["--demo"]).name == "flux2_klein"
+    kontext = str(tiny_checkpoint("flux_kontext"))
+    with pytest.raises(ValueError, match=r"--pretrained_model_name_or_path .* names 'FluxKontextPipeline'"):
+        train_flux2.model_for(["--pretrained_model_name_or_path", kontext])
