@@ -1,5 +1,5 @@
 """train_flux2.py end to end on the tiny kits: [klein] through every trainer case, with 0, 1, 2 and 3 references
-per sample in one batch; [dev] (Mistral text encoder, guidance embedding) through a cached run."""
+per sample in one batch; [dev] (Mistral text encoder, guidance embedding) through cached and uncached runs."""
 
 import pytest
 import trainer_harness as h
@@ -28,6 +28,7 @@ class TestFlux2Dev:
     MODEL = KIT = "flux2_dev"
 
     test_cached_mixed_run_end_to_end = h.TrainerCases.test_cached_mixed_run_end_to_end
+    test_uncached_run_equals_cached_run = h.TrainerCases.test_uncached_run_equals_cached_run
 
 
 def test_the_checkpoint_names_the_model(tiny_checkpoint):
