@@ -23,6 +23,16 @@ class TestFlux2Klein(h.TrainerCases):
         assert any(0 in batch and max(batch) > 0 for batch in batches)
         h.check_run(cached_run[0], steps=4, mixed=True)
 
+    def test_other_training_options_run(self, kit, tmp_path):
+        options = [
+            "--group_by_length", "--gradient_checkpointing", "--caption_dropout", "0.5", "--control_dropout", "0.5",
+            "--attention_backend", "masked", "--mask_loss_weight", "2.0", "--timestep_sampling", "logit_normal",
+        ]  # fmt: skip
+        h.train_inprocess(
+            self.MODEL, [*kit["flags"], "--cache_dir", str(kit["cache"]), *h.train_flags(tmp_path), *options]
+        )
+        h.check_run(tmp_path, steps=4, mixed=True)
+
 
 class TestFlux2Dev:
     MODEL = KIT = "flux2_dev"
