@@ -13,7 +13,7 @@ Backends:
 - ``auto``: ``varlen`` where it can run, else ``split``.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,26 +122,29 @@ class WrappingProcessor:
 
 
 class RopeOverride(nn.Module):
-    """Stands in for a model's position embedder: returns the armed per-sample tables once, else defers to stock."""
+    """Stands in for a model's position embedder: returns the armed per-sample tables, else defers to stock.
+
+    Armed with one value per embedder call of the coming forward, in call order (FLUX.1 and Qwen call it once,
+    FLUX.2 twice: image ids, then text ids); each call consumes the next, later calls go to the stock embedder.
+    """
 
     def __init__(self, stock: nn.Module) -> None:
         super().__init__()
         self.stock = stock
-        self._armed: object | None = None
+        self._armed: list[object] = []
 
-    def arm(self, rope: object) -> None:
-        """Make the next forward call return `rope` (per-sample tables for the coming mixed batch)."""
-        self._armed = rope
+    def arm(self, *tables: object) -> None:
+        """Make the next forward calls return `tables` in order (per-sample tables for the coming mixed batch)."""
+        self._armed = list(tables)
 
     def disarm(self) -> None:
         """Drop tables that were not consumed, e.g. after a failed forward."""
-        self._armed = None
+        self._armed = []
 
     def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003 - mirrors whatever the stock embedder takes
-        if self._armed is None:
+        if not self._armed:
             return self.stock(*args, **kwargs)
-        rope, self._armed = self._armed, None
-        return rope
+        return self._armed.pop(0)
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -151,17 +154,21 @@ def base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def install(model: nn.Module, processor_cls: type, stock_cls: type, backend: str) -> nn.Module:
-    """Wrap the stock processors and position embedder of `model` once (idempotent); set the mixed backend."""
+def install(model: nn.Module, wrappers: Mapping[type, type], backend: str) -> nn.Module:
+    """Wrap the stock processors and position embedder of `model` once (idempotent); set the mixed backend.
+
+    `wrappers` maps each stock processor class the model may hold to the mixed-batch processor that wraps it.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     model = base_model(model)
     if not isinstance(model.pos_embed, RopeOverride):
         processors = {}
         for name, proc in model.attn_processors.items():
-            if not isinstance(proc, stock_cls):
+            wrapper = wrappers.get(type(proc))
+            if wrapper is None:
                 raise TypeError(f"{name}: cannot run mixed batches with processor {type(proc).__name__}")
-            processors[name] = processor_cls(proc)
+            processors[name] = wrapper(proc)
         model.set_attn_processor(processors)
         model.pos_embed = RopeOverride(model.pos_embed)
     model._mixed_attention_backend = backend

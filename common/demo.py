@@ -27,6 +27,8 @@ from common.training import METRICS_FILE, train
 DEMO_DIR = Path("demo")
 # (width, height) of the targets: several sizes and aspect ratios, so batches mix resolutions.
 SIZES = [(256, 256), (320, 192), (192, 320), (384, 256), (256, 384), (192, 192), (448, 192), (224, 288)]
+# Text length of the demo's prompts ("make the first shape red") for models that pad prompts to a fixed length.
+DEMO_TEXT_LENGTH = 32
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 220), "yellow": (230, 200, 40)}
 # Launcher variables removed from the cache step's environment, so it runs as a plain single process.
 _DISTRIBUTED_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -88,6 +90,10 @@ def prepare_demo(args: argparse.Namespace, model: EditModel) -> None:
     args.max_train_steps, args.checkpointing_steps, args.train_batch_size = 30, 10, 4
     args.learning_rate, args.rank, args.lora_alpha = 1e-3, 4, 4.0
     args.control_dropout = args.control_dropout or 0.1
+    text_flags = []
+    if model.max_sequence_length is not None:  # prompts padded to a length: the demo's few words need no 512
+        args.max_sequence_length = DEMO_TEXT_LENGTH
+        text_flags = [f"--max_sequence_length={DEMO_TEXT_LENGTH}"]
     with PartialState().main_process_first():
         if PartialState().is_main_process:
             if not (Path(args.pretrained_model_name_or_path) / "model_index.json").exists():
@@ -102,6 +108,7 @@ def prepare_demo(args: argparse.Namespace, model: EditModel) -> None:
                 f"--pretrained_model_name_or_path={args.pretrained_model_name_or_path}",
                 f"--dataset={args.dataset}",
                 f"--cache_dir={args.cache_dir}",
+                *text_flags,
                 "--multi_resolutions",
                 *args.multi_resolutions,
             ]

@@ -6,6 +6,8 @@ to every sample's own ids at once; the installed processor applies them per samp
 selected mask-free backend (see `common.attention`).
 """
 
+from collections.abc import Callable
+
 import torch
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 from torch import Tensor, nn
@@ -24,6 +26,11 @@ from common.padding import pad_sequences, unpad
 
 class FluxMixedAttnProcessor(WrappingProcessor):
     """`FluxAttnProcessor` with per-sample rotary tables and padding-aware attention; stock behaviour otherwise."""
+
+    @staticmethod
+    def batch_major(rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The per-sample (B, S, D) cos/sin tables from what the model hands the blocks (FLUX.1: exactly those)."""
+        return rope
 
     def __call__(
         self,
@@ -50,7 +57,7 @@ class FluxMixedAttnProcessor(WrappingProcessor):
             key = torch.cat([encoder_key, key], dim=1)
             value = torch.cat([encoder_value, value], dim=1)
 
-        cos, sin = image_rotary_emb
+        cos, sin = self.batch_major(image_rotary_emb)
         query = apply_rope_real(query, cos, sin)
         key = apply_rope_real(key, cos, sin)
         hidden_states = mixed_attention(query, key, value, mixed).flatten(2, 3).to(query.dtype)
@@ -75,7 +82,7 @@ def image_ids(height: int, width: int, index: int = 0) -> Tensor:
 
 def install_mixed(transformer: nn.Module, backend: str = "auto") -> None:
     """Install the mixed-batch processors and position embedder on a stock FLUX transformer (idempotent)."""
-    install(transformer, FluxMixedAttnProcessor, FluxAttnProcessor, backend)
+    install(transformer, {FluxAttnProcessor: FluxMixedAttnProcessor}, backend)
 
 
 def _stack_if_uniform(hidden_states: list[Tensor], img_ids: list[Tensor]) -> tuple[Tensor, Tensor] | None:
@@ -84,6 +91,59 @@ def _stack_if_uniform(hidden_states: list[Tensor], img_ids: list[Tensor]) -> tup
     if all(ids.shape == first.shape and torch.equal(ids, first) for ids in img_ids[1:]):
         return torch.stack(hidden_states), first
     return None
+
+
+def run_padded(
+    transformer: nn.Module,
+    hidden_states: list[Tensor],
+    img_ids: list[Tensor],
+    txt_ids: Tensor,
+    attend: list[int] | None,
+    install_fn: Callable[[nn.Module, str], None],
+    arm_rope: Callable[[nn.Module, tuple[Tensor, Tensor], int], None],
+    **model_kwargs: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The FLUX-family padded forward: [text | image tokens of sample i | padding], text shared by all samples.
+
+    Equal layouts call the stock forward on the stacked batch. Otherwise the batch is padded, rotary tables of every
+    sample's own ids are computed in one call of the stock embedder and handed to the installed override with
+    `arm_rope(embedder, (cos, sin) each (B, T + N_max, D), T)`, and attention runs over each sample's text and its
+    first attend[i] image tokens. Returns the output (B, N_max, C_out), zero on padding, and its (B, N_max) mask.
+    """
+    model = base_model(transformer)
+    lengths = [h.shape[0] for h in hidden_states]
+    attend = lengths if attend is None else attend
+    uniform = _stack_if_uniform(hidden_states, img_ids) if attend == lengths else None
+    if uniform is not None:
+        stacked, ids = uniform
+        out = transformer(hidden_states=stacked, img_ids=ids, txt_ids=txt_ids, return_dict=False, **model_kwargs)[0]
+        return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+
+    install_fn(model, getattr(model, "_mixed_attention_backend", "auto"))
+    padded, valid = pad_sequences(hidden_states)
+    ids, _ = pad_sequences(img_ids)
+    batch, text_len = padded.shape[0], txt_ids.shape[0]
+    joint_ids = torch.cat([txt_ids.to(ids).expand(batch, -1, -1), ids], dim=1)
+    cos, sin = model.pos_embed.stock(joint_ids.flatten(0, 1))
+    rope = (cos.view(*joint_ids.shape[:2], -1), sin.view(*joint_ids.shape[:2], -1))
+
+    backend = resolve_backend(model._mixed_attention_backend, padded.device, padded.dtype)
+    mixed = MixedAttention.from_segments(
+        [[(0, text_len + n)] for n in attend], joint_ids.shape[1], backend, padded.device
+    )
+    arm_rope(model.pos_embed, rope, text_len)
+    try:
+        out = transformer(
+            hidden_states=padded,
+            img_ids=ids[0],
+            txt_ids=txt_ids,
+            joint_attention_kwargs={"mixed": mixed},
+            return_dict=False,
+            **model_kwargs,
+        )[0]
+    finally:
+        model.pos_embed.disarm()
+    return torch.where(valid[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device)), valid
 
 
 def padded_forward(
@@ -105,43 +165,19 @@ def padded_forward(
     `attend[i]`: only sample i's first attend[i] image tokens take part in attention (control dropout: the
     reference tokens stay in the sequence, so its layout is unchanged, but nothing attends to them).
     """
-    model = base_model(transformer)
-    common_kwargs = dict(
+    return run_padded(
+        transformer,
+        hidden_states,
+        img_ids,
+        txt_ids,
+        attend,
+        install_mixed,
+        lambda embedder, rope, _text_len: embedder.arm(rope),
         encoder_hidden_states=encoder_hidden_states,
         pooled_projections=pooled_projections,
         timestep=timestep,
-        txt_ids=txt_ids,
         guidance=guidance,
-        return_dict=False,
     )
-    lengths = [h.shape[0] for h in hidden_states]
-    attend = lengths if attend is None else attend
-    uniform = _stack_if_uniform(hidden_states, img_ids) if attend == lengths else None
-    if uniform is not None:
-        stacked, ids = uniform
-        out = transformer(hidden_states=stacked, img_ids=ids, **common_kwargs)[0]
-        return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
-
-    install_mixed(model, getattr(model, "_mixed_attention_backend", "auto"))
-    padded, valid = pad_sequences(hidden_states)
-    ids, _ = pad_sequences(img_ids)
-    batch, text_len = encoder_hidden_states.shape[:2]
-    joint_ids = torch.cat([txt_ids.to(ids).expand(batch, -1, -1), ids], dim=1)
-    cos, sin = model.pos_embed.stock(joint_ids.flatten(0, 1))
-    rope = (cos.view(*joint_ids.shape[:2], -1), sin.view(*joint_ids.shape[:2], -1))
-
-    backend = resolve_backend(model._mixed_attention_backend, padded.device, padded.dtype)
-    mixed = MixedAttention.from_segments(
-        [[(0, text_len + n)] for n in attend], joint_ids.shape[1], backend, padded.device
-    )
-    model.pos_embed.arm(rope)
-    try:
-        out = transformer(
-            hidden_states=padded, img_ids=ids[0], joint_attention_kwargs={"mixed": mixed}, **common_kwargs
-        )[0]
-    finally:
-        model.pos_embed.disarm()
-    return torch.where(valid[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device)), valid
 
 
 def mixed_forward(

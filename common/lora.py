@@ -35,24 +35,33 @@ def add_lora(
 ) -> list[nn.Parameter]:
     """Freeze the base weights, add a LoRA adapter, keep its weights in float32; returns the trainable parameters.
 
-    `exclude_modules`: full names of matching modules to leave alone, e.g. ones whose output never reaches the
-    loss (their LoRA would get no gradient, which DDP rejects). Exclusions are resolved here into full module
-    names, so the adapter config saved with the weights names exactly the adapted modules and loads cleanly.
+    `target_modules` are PEFT-style names or name suffixes; `exclude_modules`: full names of matching modules to
+    leave alone, e.g. ones whose output never reaches the loss (their LoRA would get no gradient, which DDP
+    rejects). Both are resolved here into full module names (`adapted_modules`), so the adapter config saved with
+    the weights names exactly the adapted modules and loads cleanly.
     """
     transformer.requires_grad_(False)
-    if exclude_modules:
-        target_modules = [
-            name
-            for name, _ in transformer.named_modules()
-            if name not in exclude_modules and any(name == t or name.endswith(f".{t}") for t in target_modules)
-        ]
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=target_modules)
+    modules = adapted_modules(transformer, target_modules, exclude_modules)
+    if not modules:
+        raise ValueError(f"--lora_target_modules {list(target_modules)} matched no layer of the transformer")
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=modules)
     transformer.add_adapter(config)
     cast_training_params(transformer, dtype=torch.float32)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"--lora_target_modules {target_modules} matched no module of the transformer")
-    return params
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def adapted_modules(transformer: nn.Module, target_modules: list[str], exclude_modules: list[str] = ()) -> list[str]:
+    """Full names of the modules that `target_modules` name (as a name or a ".name" suffix, PEFT's rule), leaving out
+    `exclude_modules` and module containers: a suffix may name a layer in one block and the list holding a layer in
+    another (FLUX.2's `attn.to_out` is the single blocks' output linear and the double blocks' [linear, dropout]),
+    and PEFT adapts layers only."""
+    return [
+        name
+        for name, module in transformer.named_modules()
+        if name not in exclude_modules
+        and not isinstance(module, nn.ModuleList | nn.ModuleDict | nn.Sequential)
+        and any(name == t or name.endswith(f".{t}") for t in target_modules)
+    ]
 
 
 def lora_scale(module: str, rank: int, alpha: float | None, alpha_pattern: Mapping[str, float], rslora: bool) -> float:

@@ -85,7 +85,7 @@ def install_mixed(transformer: nn.Module, backend: str = "auto") -> None:
     embed = model.pos_embed.stock if hasattr(model.pos_embed, "stock") else model.pos_embed
     if type(embed) is not QwenEmbedRope:
         raise TypeError(f"mixed batches need QwenEmbedRope, this model uses {type(embed).__name__}")
-    install(model, QwenMixedAttnProcessor, QwenDoubleStreamAttnProcessor2_0, backend)
+    install(model, {QwenDoubleStreamAttnProcessor2_0: QwenMixedAttnProcessor}, backend)
 
 
 def per_sample_rope(

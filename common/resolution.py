@@ -181,8 +181,9 @@ class ResolutionPolicy:
     target_area: int | str | None = None  # stored as int
     max_aspect_ratio: float | None = 3.0  # seed 001 default; None disables the crop
     rounding: Rounding = "nearest"
-    # (w, h) of a control image after the aspect crop -> its size; None: sized like a target (`plan`)
-    control_size: Callable[[int, int], tuple[int, int]] | None = None
+    # (w, h) of a control image after the aspect crop -> its size, or a ResizePlan within that crop (for pipelines
+    # that crop references rather than resize them); None: sized like a target (`plan`)
+    control_size: Callable[[int, int], tuple[int, int] | ResizePlan] | None = None
 
     def __post_init__(self) -> None:
         """Parse string areas and fail at config time rather than on the first sample."""
@@ -222,11 +223,16 @@ class ResolutionPolicy:
 
     def control_plan(self, width: int, height: int) -> ResizePlan:
         """Crop box and size for a control image: like a target unless `control_size` sizes controls apart, in
-        which case only the aspect crop applies (a fixed target size does not force its shape on a reference)."""
+        which case the aspect crop (and any crop `control_size` plans inside it) applies, not a fixed target size's
+        shape."""
         if self.control_size is None:
             return self.plan(width, height)
         box = aspect_crop_box(width, height, self.max_aspect_ratio)
-        return ResizePlan(box, self.control_size(box[2] - box[0], box[3] - box[1]))
+        planned = self.control_size(box[2] - box[0], box[3] - box[1])
+        if not isinstance(planned, ResizePlan):
+            return ResizePlan(box, planned)
+        left, top, right, bottom = planned.crop_box
+        return ResizePlan((box[0] + left, box[1] + top, box[0] + right, box[1] + bottom), planned.size)
 
 
 def _check_dims(width: int, height: int) -> None:

@@ -1,4 +1,6 @@
-"""Tiny random components of each model family (FLUX.1, Qwen-Image), built with the real classes.
+"""Tiny random components of each model family (FLUX.1, Qwen-Image, FLUX.2), built with the real classes.
+
+Text encoders keep the depth their pipelines read hidden states from and are otherwise a few channels wide.
 
 The model descriptions (`common.models`) pick their family's components and transformer config; `common.tiny` writes
 them as a checkpoint in the hub repo layout.
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
 )
@@ -25,12 +28,21 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    Mistral3Config,
+    Mistral3ForConditionalGeneration,
+    MistralConfig,
+    PixtralImageProcessor,
+    PixtralProcessor,
+    PixtralVisionConfig,
+    PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -306,4 +318,186 @@ def qwen_components(seed: int) -> dict[str, Any]:
         "text_encoder": seeded(seed, lambda: Qwen2_5_VLForConditionalGeneration(text_encoder_config)),
         "tokenizer": tokenizer,
         "processor": processor,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.2 ([klein]: Qwen3 text encoder; [dev]: Mistral3 text encoder + Pixtral processor)
+
+_FLUX2_TEXT_WIDTH = 16
+_FLUX2_LATENT_CHANNELS = 4  # patchified 2x2 into the transformer's 16 input channels
+FLUX2_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 4 * _FLUX2_LATENT_CHANNELS,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 3 * _FLUX2_TEXT_WIDTH,  # the pipelines stack three hidden layers of the text encoder
+    "timestep_guidance_channels": 32,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (4, 4, 4, 4),
+    "rope_theta": 2000,
+}
+_FLUX2_VAE = {
+    "block_out_channels": (8, 16, 16, 16),
+    "layers_per_block": 1,
+    "latent_channels": _FLUX2_LATENT_CHANNELS,
+    "norm_num_groups": 4,
+    "sample_size": 32,
+}
+# The scheduler config of the black-forest-labs/FLUX.2 repos; the pipelines set mu themselves
+# (`compute_empirical_mu`), so base/max shift are not read at inference.
+_FLUX2_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "time_shift_type": "exponential",
+}
+# Qwen3's chat template reduced to what Flux2KleinPipeline renders: user turns, the generation prompt and the
+# empty thinking block that `enable_thinking=False` adds.
+_QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+_MISTRAL_SPECIAL_TOKENS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+    "[IMG_BREAK]",
+    "[IMG_END]",
+)
+# Mistral-Small-3.1's chat template reduced to what Flux2Pipeline renders: system and user turns whose content is a
+# list of text (and image) blocks.
+_MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' }}{%- endif %}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for block in message['content'] %}"
+    "{%- if block['type'] == 'text' %}{{- block['text'] }}"
+    "{%- elif block['type'] == 'image' %}{{- '[IMG]' }}{%- endif %}"
+    "{%- endfor %}{%- endif %}"
+    "{%- if message['role'] == 'system' %}{{- '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[/INST]' }}"
+    "{%- elif message['role'] == 'assistant' %}{{- eos_token }}{%- endif %}"
+    "{%- endfor %}"
+)
+
+
+def _flux2_vae(seed: int) -> AutoencoderKLFlux2:
+    """A tiny FLUX.2 VAE whose latent batch-norm statistics are not the identity, so the pipelines' normalisation
+    of latents is exercised."""
+    vae = seeded(seed, lambda: AutoencoderKLFlux2(**_FLUX2_VAE))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn(vae.bn.running_mean.shape, generator=generator) * 0.1)
+        vae.bn.running_var.copy_(torch.rand(vae.bn.running_var.shape, generator=generator) + 0.5)
+    return vae
+
+
+def flux2_klein_components(seed: int) -> dict[str, Any]:
+    """Every component of a Flux2KleinPipeline but the transformer: Qwen3 causal LM (28 layers, so hidden state 27,
+    the deepest the pipeline reads, is not the last), 4-channel FLUX.2 VAE."""
+    tokenizer = _qwen_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.chat_template = _QWEN3_CHAT_TEMPLATE
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=_FLUX2_TEXT_WIDTH,
+        intermediate_size=32,
+        num_hidden_layers=28,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"),
+        pad_token_id=ids("<|endoftext|>"),
+    )
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER),
+        "vae": _flux2_vae(seed),
+        "text_encoder": seeded(seed, lambda: Qwen3ForCausalLM(config)),
+        "tokenizer": tokenizer,
+        "is_distilled": False,  # a "base" klein, the kind people train: a default pipeline call runs true CFG
+    }
+
+
+def _mistral_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE tokenizer with Mistral's special tokens and chat markers, trained on the tiny corpus."""
+    vocab, merges = _bpe(Qwen2Tokenizer(), _MISTRAL_SPECIAL_TOKENS)
+    backend = Qwen2Tokenizer(vocab=vocab, merges=merges).backend_tokenizer
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=list(_MISTRAL_SPECIAL_TOKENS[4:]),
+        model_max_length=131072,
+    )
+
+
+def flux2_dev_components(seed: int) -> dict[str, Any]:
+    """Every component of a Flux2Pipeline but the transformer: Mistral3 (31 text layers, the pipeline reads 10/20/30)
+    with its Pixtral processor as `tokenizer`, 4-channel FLUX.2 VAE."""
+    tokenizer = _mistral_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = Mistral3Config(
+        text_config=MistralConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=_FLUX2_TEXT_WIDTH,
+            intermediate_size=32,
+            num_hidden_layers=31,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+            bos_token_id=ids("<s>"),
+            eos_token_id=ids("</s>"),
+            pad_token_id=ids("<pad>"),
+        ),
+        vision_config=PixtralVisionConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=8,
+            image_size=224,
+            patch_size=14,
+        ),
+        image_token_index=ids("[IMG]"),
+        spatial_merge_size=2,
+        tie_word_embeddings=False,
+    )
+    processor = PixtralProcessor(
+        image_processor=PixtralImageProcessor(patch_size=14, size={"longest_edge": 224}),
+        tokenizer=tokenizer,
+        patch_size=14,
+        spatial_merge_size=2,
+        chat_template=_MISTRAL_CHAT_TEMPLATE,
+    )
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**_FLUX2_SCHEDULER),
+        "vae": _flux2_vae(seed),
+        "text_encoder": seeded(seed, lambda: Mistral3ForConditionalGeneration(config)),
+        "tokenizer": processor,
     }

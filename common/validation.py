@@ -14,7 +14,8 @@ Sampling is the pipelines' own loop, run for all samples at once as one mixed-si
 each sample's own dynamic shift (`EditModel.timestep_mu` of its target token count; Qwen's `shift_terminal` stretch
 included), the timestep the pipelines feed (`t / 1000`), the scheduler's Euler step, then the model's unpacking and
 VAE decoding (`EditModel.decode_latents`). Each step is one conditional forward with the training-time
-conditioning: FLUX's guidance embedding is `--guidance_scale` and Qwen runs without true CFG. Sample k starts from
+conditioning: a guidance embedding (FLUX.1, FLUX.2 [dev]) gets `--guidance_scale`, and models with true CFG at
+inference (Qwen, FLUX.2 [klein] base) run without it. Sample k starts from
 the noise the pipeline draws with `generator=torch.Generator().manual_seed(seed + k)` (`EditModel.initial_noise`),
 the same at every validation, so the images show the LoRA's progress and sample k can be reproduced with the stock
 pipeline and the saved LoRA.

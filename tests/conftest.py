@@ -136,7 +136,16 @@ def check_matches_stock(outputs: list[torch.Tensor], stock, dtype: torch.dtype) 
 
 
 def check_lora_gradients(
-    transformer, backend, checkpointing, install, padded_forward, stock_single, batch, input_module, base="auto"
+    transformer,
+    backend,
+    checkpointing,
+    install,
+    padded_forward,
+    stock_single,
+    batch,
+    input_module,
+    target_modules=("to_q", "to_k", "to_v", "to_out.0"),
+    base="auto",
 ):
     """Mixed-batch LoRA gradients equal the sum of per-sample stock gradients; padding gets exactly zero gradient.
     `base`: "auto", or a memory option of `reduce_base` applied once the LoRA is added (both sides use it).
@@ -147,7 +156,8 @@ def check_lora_gradients(
     """
     device, dtype = batch["hidden_states"][0].device, batch["hidden_states"][0].dtype
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=target_modules))
     cast_training_params(transformer, torch.float32)
     randomize_lora(transformer)
     if base != "auto":
@@ -208,6 +218,20 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def check_flux_control_dropout(transformer, batch, targets, padded_forward, stock_single):
+    """FLUX-family control dropout: samples 0 and 2 attend to their first targets[i] (target) tokens only, sample 1
+    to everything. The layout keeps every token; a dropped sample's target equals the stock model on the target
+    alone."""
+    attend = [targets[0], len(batch["hidden_states"][1]), targets[2]]
+    out, valid = padded_forward(transformer, **batch, attend=attend)
+    assert out.shape[1] == max(len(h) for h in batch["hidden_states"])
+    for i in (0, 2):
+        alone = {**batch, "hidden_states": [h[: targets[i]] for h in batch["hidden_states"]]}
+        alone["img_ids"] = [ids[: targets[i]] for ids in batch["img_ids"]]
+        assert (out[i, : targets[i]] - stock_single(transformer, alone, i)).abs().max().item() <= 1e-5
+    assert (out[1, : valid[1].sum()] - stock_single(transformer, batch, 1)).abs().max().item() <= 1e-5
 
 
 @pytest.fixture(scope="class")

@@ -25,7 +25,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from common.comfyui import comfyui_state_dict, save_comfyui_lora
-from common.models import MODELS, flux_kontext, qwen_edit
+from common.flux2 import sample_ids, text_ids
+from common.lora import adapted_modules
+from common.models import MODELS, flux2, flux_kontext, qwen_edit
 from common.tiny import tiny_transformer
 
 # The Kontext trainer's defaults plus the single blocks' proj_out.
@@ -43,6 +45,18 @@ FLUX_EVERY_LINEAR = FLUX_DEFAULT_TARGETS + [
 # Fused BFL linears with some parts unadapted: img qkv without k, txt qkv with only k, linear1 without k.
 FLUX_PARTIAL = ["attn.to_q", "attn.to_v", "attn.add_k_proj", "proj_mlp"]
 QWEN_TARGETS = list(qwen_edit.LORA_TARGETS)
+# The FLUX.2 trainers' defaults plus every other linear ComfyUI's FLUX.2 has a name for, but the final norm (below).
+FLUX2_LINEARS = [
+    *flux2.LORA_TARGETS,
+    "x_embedder",
+    "context_embedder",
+    "linear_1",
+    "linear_2",
+    "double_stream_modulation_img.linear",
+    "double_stream_modulation_txt.linear",
+    "single_stream_modulation.linear",
+    "proj_out",
+]
 # BFL FLUX linears as ComfyUI's `comfy.utils.flux_to_diffusers` lays them out: the diffusers linears whose weights
 # they stack by rows, in row order.
 BFL_DOUBLE = {
@@ -117,6 +131,22 @@ def run_qwen(transformer: torch.nn.Module) -> torch.Tensor:
         encoder_hidden_states_mask=None,
         timestep=torch.tensor([0.7]),
         img_shapes=[[(1, 4, 6), (1, 2, 3)]],
+        return_dict=False,
+    )[0]
+
+
+@torch.no_grad()
+def run_flux2(transformer: torch.nn.Module) -> torch.Tensor:
+    """Transformer output on a fixed FLUX.2 edit-shaped input (target and one reference at t = 10)."""
+    g = torch.Generator().manual_seed(0)
+    guidance = torch.tensor([2.5]) if transformer.config.guidance_embeds else None
+    return transformer(
+        hidden_states=torch.randn(1, 12 + 6, 16, generator=g),
+        encoder_hidden_states=torch.randn(1, 7, 48, generator=g),
+        timestep=torch.tensor([0.7]),
+        img_ids=sample_ids((3, 4), [(2, 3)]),
+        txt_ids=text_ids(7),
+        guidance=guidance,
         return_dict=False,
     )[0]
 
@@ -233,6 +263,46 @@ def test_qwen_export_loads_into_diffusers_with_the_same_effect(tiny_checkpoint, 
     reference, out, base = outs
     assert relative_error(out, reference) <= 1e-5
     assert relative_error(base, reference) > 1e-2
+
+
+@pytest.mark.parametrize("model", ["flux2_klein", "flux2_dev"])
+def test_flux2_export_is_bfl_named_and_loads_into_diffusers_with_the_same_effect(tiny_checkpoint, tmp_path, model):
+    """diffusers reads `diffusion_model.` BFL-named FLUX.2 LoRAs (its `_convert_non_diffusers_flux2_lora_to_diffusers`,
+    the names of ComfyUI's FLUX.2): the export must load back to the diffusers file's effect."""
+    path = tiny_checkpoint(model)
+    targets = adapted_modules(tiny_transformer(model), FLUX2_LINEARS)
+    diffusers_file = save_random_lora(model, tmp_path, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    comfy_file = save_comfyui_lora(model, diffusers_file, tmp_path / "comfyui" / "lora.safetensors")
+    modules = {k.removeprefix("diffusion_model.").rsplit(".lora_", 1)[0] for k in load_file(comfy_file)}
+    expected = {"img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "final_layer.linear"}
+    expected |= {f"double_stream_modulation_{s}.lin" for s in ("img", "txt")} | {"single_stream_modulation.lin"}
+    expected |= {f"double_blocks.{i}.{n}" for i in range(2) for n in ("img_attn.qkv", "txt_attn.qkv")}
+    expected |= {f"double_blocks.{i}.{s}_{n}" for i in range(2) for s in ("img", "txt") for n in ("attn.proj", "mlp.0")}
+    expected |= {f"double_blocks.{i}.{s}_mlp.2" for i in range(2) for s in ("img", "txt")}
+    expected |= {f"single_blocks.{i}.linear{n}" for i in range(2) for n in (1, 2)}
+    if model == "flux2_dev":
+        expected |= {"guidance_in.in_layer", "guidance_in.out_layer"}
+    assert modules == expected
+
+    outs = []
+    for file in (diffusers_file, comfy_file, None):
+        pipe = MODELS[model].pipeline_class.from_pretrained(path)
+        if file is not None:
+            pipe.load_lora_weights(file)
+        outs.append(run_flux2(pipe.transformer))
+    reference, out, base = outs
+    assert relative_error(out, reference) <= 1e-5
+    assert relative_error(base, reference) > 1e-2
+
+
+def test_flux2_final_norm_export_swaps_scale_and_shift():
+    """BFL's final modulation emits (shift, scale), diffusers' (scale, shift) (diffusers' FLUX.2 checkpoint converter
+    swaps them): a LoRA on it is exported swapped, as for FLUX.1. (diffusers' FLUX.2 LoRA converter does not swap
+    back; no default target adapts this layer.)"""
+    a, b = torch.randn(2, 32), torch.randn(64, 2)
+    lora = {"transformer.norm_out.linear.lora_A.weight": a, "transformer.norm_out.linear.lora_B.weight": b}
+    out = comfyui_state_dict("flux2_klein", lora)
+    assert torch.equal(out["diffusion_model.final_layer.adaLN_modulation.1.lora_B.weight"], torch.cat([b[32:], b[:32]]))
 
 
 def test_explicit_alpha_stands_in_for_missing_metadata(tmp_path):

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 from PIL import Image
-from trainer_harness import ENV, ROOT, SCRIPTS
+from trainer_harness import DEMO_MODELS, ENV, ROOT, SCRIPTS
 
 from common.demo import SIZES, write_dataset
 
 
-@pytest.mark.parametrize("model", list(SCRIPTS))
+@pytest.mark.parametrize("model", DEMO_MODELS)
 def test_demo_trains_and_plots(model, tmp_path):
     script = ROOT / f"{SCRIPTS[model]}.py"
     result = subprocess.run(

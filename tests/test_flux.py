@@ -5,6 +5,7 @@ import torch
 from conftest import (
     backend_cases,
     check_backend_runs,
+    check_flux_control_dropout,
     check_lora_gradients,
     check_matches_stock,
     reduce_base,
@@ -127,17 +128,9 @@ def test_lora_gradients_equal_sum_of_per_sample_gradients(transformer, device, d
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_control_dropout_keeps_layout_and_equals_target_alone(transformer, backend):
     """attend = target tokens only: the sequence keeps its reference tokens, the target sees none of them."""
-    batch = make_batch(MIXED)
     install_mixed(transformer, backend)
     targets = [t[0] * t[1] for t, _ in MIXED]
-    attend = [targets[0], len(batch["hidden_states"][1]), targets[2]]
-    out, valid = padded_forward(transformer, **batch, attend=attend)
-    assert out.shape[1] == max(len(h) for h in batch["hidden_states"])
-    for i in (0, 2):
-        alone = {**batch, "hidden_states": [h[: targets[i]] for h in batch["hidden_states"]]}
-        alone["img_ids"] = [ids[: targets[i]] for ids in batch["img_ids"]]
-        assert (out[i, : targets[i]] - stock_single(transformer, alone, i)).abs().max().item() <= 1e-5
-    assert (out[1, : valid[1].sum()] - stock_single(transformer, batch, 1)).abs().max().item() <= 1e-5
+    check_flux_control_dropout(transformer, make_batch(MIXED), targets, padded_forward, stock_single)
 
 
 @torch.no_grad()
@@ -168,6 +161,6 @@ def test_lora_gradients_on_a_reduced_base(transformer, option, checkpointing):
         stock_single,
         batch,
         transformer.x_embedder,
-        option,
+        base=option,
     )
     assert len(grads) == 8 * transformer.config.num_layers + 6 * transformer.config.num_single_layers

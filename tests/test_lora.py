@@ -9,8 +9,8 @@ from diffusers import QwenImageEditPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from common.lora import STATE_FILE, add_lora, load_lora, save_lora, save_lora_state
-from common.models import get_model
+from common.lora import STATE_FILE, adapted_modules, add_lora, load_lora, save_lora, save_lora_state
+from common.models import flux2, get_model
 from common.models.flux_kontext import LORA_TARGETS as FLUX_TARGETS
 from common.models.qwen_edit import LORA_TARGETS, unused_modules
 from common.tiny import tiny_transformer
@@ -118,3 +118,15 @@ def test_saved_lora_applies_the_same_delta_with_or_without_its_metadata(
         delta = fused_plainly[module] - original[module]
         assert (delta - expected).abs().max() <= 1e-6 * expected.abs().max(), module
     assert len(modules) > 10
+
+
+def test_flux2_default_targets_are_every_block_linear():
+    """`attn.to_out` names the single blocks' output linear and the double blocks' [linear, dropout] list; only
+    layers are adapted, so the FLUX.2 defaults cover every block linear and PEFT never sees the list."""
+    transformer = tiny_transformer("flux2_klein")
+    modules = adapted_modules(transformer, list(flux2.LORA_TARGETS))
+    linears = [n for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear) and "blocks." in n]
+    assert modules == linears and len(linears) == 2 * 12 + 2 * 2
+    assert "single_transformer_blocks.1.attn.to_out" in modules and "transformer_blocks.0.attn.to_out" not in modules
+    params = add_lora(transformer, 4, 4.0, list(flux2.LORA_TARGETS))
+    assert len(params) == 2 * len(linears)

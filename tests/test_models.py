@@ -30,7 +30,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_registry_names_every_model_once():
-    assert list(MODELS) == ["flux_kontext", "qwen_edit", "qwen_edit_plus", "qwen_edit_2511"]
+    assert list(MODELS) == [
+        "flux_kontext",
+        "qwen_edit",
+        "qwen_edit_plus",
+        "qwen_edit_2511",
+        "flux2_klein",
+        "flux2_dev",
+    ]
     assert all(get_model(name).name == name for name in MODELS)
     assert get_model(FLUX_KONTEXT) is FLUX_KONTEXT
     # 2511 runs the Edit-Plus pipeline: its data are encoded alike, so caches name it as Edit-Plus does
@@ -158,6 +165,8 @@ def _pipeline_reference_inputs(pipe, images: list[Image.Image]) -> list[torch.Te
         ("qwen_edit", [(500, 900)]),
         ("qwen_edit_plus", [(700, 500), (300, 640)]),
         ("qwen_edit_2511", [(1000, 480)]),
+        ("flux2_klein", [(150, 100), (90, 200), (100, 70)]),  # FLUX.2 crops to 16-multiples; 3 references
+        ("flux2_dev", [(200, 130)]),
     ],
 )
 def test_pipeline_control_resolution_matches_the_pipeline(tmp_path, tiny_checkpoint, monkeypatch, model, sizes):

@@ -163,6 +163,6 @@ def test_lora_gradients_on_a_reduced_base(transformer, option, checkpointing):
         stock_single,
         batch,
         transformer.img_in,
-        option,
+        base=option,
     )
     assert len(grads) == 8 * transformer.config.num_layers

@@ -4,6 +4,7 @@ import itertools
 import math
 
 import pytest
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux import pipeline_flux_kontext
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 
@@ -172,7 +173,14 @@ def test_model_multiples_match_pipeline_sources():
         "qwen_edit": 32,
         "qwen_edit_plus": 32,
         "qwen_edit_2511": 32,
+        "flux2_klein": 16,
+        "flux2_dev": 16,
     }
+    # FLUX.2: both pipelines floor references and the output to vae_scale_factor * 2.
+    for pipeline in (Flux2KleinPipeline, Flux2Pipeline):
+        src = inspect.getsource(pipeline.__call__) + inspect.getsource(pipeline.prepare_latents)
+        assert "multiple_of = self.vae_scale_factor * 2" in src
+        assert "height = 2 * (int(height) // (self.vae_scale_factor * 2))" in src
     # Qwen calculate_dimensions rounds to 32 in both Edit and Edit-Plus.
     for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus):
         src = inspect.getsource(module.calculate_dimensions)
@@ -346,3 +354,14 @@ def test_policy_fixed_size_and_model_policy():
         ResolutionPolicy(multiple=16, fixed_size=(512, 512), max_aspect_ratio=0.9)
     with pytest.raises(ValueError, match="rounding"):
         ResolutionPolicy(multiple=16, target_area=1024, rounding="up")
+
+
+def test_control_plan_composes_a_planned_crop_with_the_aspect_crop():
+    """A `control_size` that plans its own crop (FLUX.2's pipelines crop references to 16-multiples) crops inside
+    the --max_aspect_ratio crop."""
+    from common.models.flux2 import reference_plan
+
+    policy = ResolutionPolicy(multiple=16, target_area=64 * 64, max_aspect_ratio=3.0, control_size=reference_plan)
+    assert policy.control_plan(1000, 200) == ResizePlan((204, 4, 796, 196), (592, 192))  # 600x200 kept, then 592x192
+    assert policy.control_plan(150, 100) == ResizePlan((3, 2, 147, 98), (144, 96))
+    assert reference_plan(2000, 1000).size == (1440, 720)  # 1448x724 after the 1 MP scaling, floored to 16

@@ -15,6 +15,7 @@ from conftest import randomize_lora
 from diffusers import DiffusionPipeline, FluxKontextPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 
+import train_flux2
 import train_flux_kontext
 import train_qwen_edit_plus
 from common.lora import add_lora
@@ -161,6 +162,43 @@ def test_qwen_edit_plus_batch_equals_stock_pipeline_per_sample(
         w, h = sizes[k]
         image = [PIL.Image.open(path) for path in entry.split(",")]
         stock = _stock(pipe, k, image=image, height=h, width=w, true_cfg_scale=1.0)
+        _check_equal(latents[k], rendered[k], stock)
+
+
+@pytest.mark.parametrize("kit", ["flux2_klein", "flux2_dev"])
+def test_flux2_batch_equals_stock_pipeline_per_sample(kit: str, tiny_checkpoint: Any, tmp_path: Path) -> None:
+    checkpoint = tiny_checkpoint(kit)
+    # References of 16-multiple sizes under 1 MP, which the pipeline keeps as they are, and so does
+    # --control_resolution pipeline; 1, 2 and 3 references (at t = 10, 20, 30) of other sizes than their outputs.
+    raw = [(96, 64), (64, 64), (80, 112), (64, 96), (112, 64), (64, 80)]
+    paths = [_write(tmp_path / f"{k}.png", w, h, seed=20 + k) for k, (w, h) in enumerate(raw)]
+    entries = [paths[0], ",".join(paths[1:3]), ",".join(paths[3:])]
+    sizes = [(64, 48), (64, 64), (48, 64)]  # --target_area 64*64 for each first reference, floored to 16
+    extra = ("--target_area", "64*64", "--control_resolution", "pipeline", "--max_sequence_length", "32")
+    argv = _flags(checkpoint, tmp_path, entries, *extra)
+    args, model = train_flux2.parse_args(argv), train_flux2.model_for(argv)
+    assert model.name == kit
+    transformer = _trained_transformer(checkpoint, model)
+
+    validation = Validation(args, model, torch.device("cpu"), torch.float32)
+    assert [(s.width, s.height) for s in validation.samples] == sizes
+    assert [s.img_shapes[1:] for s in validation.samples] == [
+        [(1, h // 16, w // 16) for w, h in raw[a:b]] for a, b in ((0, 1), (1, 3), (3, 6))
+    ]
+    latents, rendered, calls = _sample_and_watch(validation, transformer, args)
+    assert calls == [(False, 3)] * STEPS
+    assert transformer.training
+
+    pipe = model.pipeline_class.from_pretrained(checkpoint, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    # [klein] without CFG (guidance_scale 1; training runs conditional forwards); [dev]'s embedded guidance is the
+    # run's --guidance_scale (default 4.0, the pipeline's default too).
+    guidance = getattr(args, "guidance_scale", 1.0)
+    assert guidance == (4.0 if kit == "flux2_dev" else 1.0)
+    for k, entry in enumerate(entries):
+        w, h = sizes[k]
+        image = [PIL.Image.open(path) for path in entry.split(",")]
+        stock = _stock(pipe, k, image=image, height=h, width=w, guidance_scale=guidance, max_sequence_length=32)
         _check_equal(latents[k], rendered[k], stock)
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import FluxKontextPipeline, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -35,12 +34,10 @@ SCRIPTS = {
     "flux_kontext": "train_flux_kontext",
     "qwen_edit": "train_qwen_edit",
     "qwen_edit_plus": "train_qwen_edit_plus",
+    "flux2_klein": "train_flux2",  # one script for both FLUX.2 models, chosen by the checkpoint's pipeline
+    "flux2_dev": "train_flux2",
 }
-PIPELINES = {
-    "flux_kontext": FluxKontextPipeline,
-    "qwen_edit": QwenImageEditPipeline,
-    "qwen_edit_plus": QwenImageEditPlusPipeline,
-}
+DEMO_MODELS = ("flux_kontext", "qwen_edit", "qwen_edit_plus", "flux2_klein")  # what each script's --demo trains
 RESOLUTIONS = ["64*64", "128*128", "192*192"]
 VALIDATION_PROMPT = "make the first shape red"
 # One thread and no tokenizer threads: CPU results are then bitwise reproducible across processes.
@@ -59,7 +56,7 @@ def data_flags(model: str, checkpoint: Path, data: Path, *extra: str) -> list[st
     """Flags shared by precompute_cache.py and the trainer."""
     flags = ["--pretrained_model_name_or_path", str(checkpoint), "--dataset", str(data)]
     flags += ["--multi_resolutions", *RESOLUTIONS, *extra]
-    return flags + (["--max_sequence_length", "32"] if model == "flux_kontext" else [])
+    return flags + (["--max_sequence_length", "32"] if get_model(model).max_sequence_length else [])
 
 
 def precompute(model: str, flags: list[str], cache: Path) -> Path:
@@ -81,7 +78,9 @@ def train_inprocess(model: str, argv: list[str]) -> Path:
     script = importlib.import_module(SCRIPTS[model])
     from common.demo import run
 
-    return run(script.parse_args(argv), script.MODEL)
+    chosen = script.model_for(argv) if hasattr(script, "model_for") else script.MODEL
+    assert chosen is get_model(model)
+    return run(script.parse_args(argv), chosen)
 
 
 def command(model: str, argv: list[str], processes: int = 1) -> list[str]:
@@ -135,7 +134,7 @@ def check_run(out: Path, steps: int, mixed: bool) -> list[dict]:
 
 def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: Path) -> None:
     """The saved LoRA loads with the stock pipeline's load_lora_weights and changes the transformer's output."""
-    pipe = PIPELINES[model].from_pretrained(checkpoint)
+    pipe = get_model(model).pipeline_class.from_pretrained(checkpoint)
     transformer = pipe.transformer.eval()
     generator = torch.Generator().manual_seed(0)
     channels = transformer.config.in_channels
@@ -149,6 +148,15 @@ def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: P
             img_ids=image_ids(3, 4),
             txt_ids=torch.zeros(5, 3),
             guidance=torch.full((1,), 1.0) if transformer.config.guidance_embeds else None,
+        )
+    elif model.startswith("flux2"):
+        from common.flux2 import image_ids, text_ids
+
+        kwargs = dict(
+            encoder_hidden_states=torch.randn(1, 5, transformer.config.joint_attention_dim, generator=generator),
+            img_ids=image_ids(3, 4),
+            txt_ids=text_ids(5),
+            guidance=torch.full((1,), 4.0) if transformer.config.guidance_embeds else None,
         )
     else:
         kwargs = dict(

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from common.batch import NoisyBatch, pack_latents
 from common.flow_matching import shift_mu
-from common.resolution import ResolutionPolicy, Rounding
+from common.resolution import ResizePlan, ResolutionPolicy, Rounding
 
 # (pipeline loaded without its transformer, prompt, the sample's condition images, text length or None) -> CPU
 # {"prompt_embeds": (T, D)[, "pooled_prompt_embeds": (P,)]}
@@ -88,9 +88,9 @@ class EditModel:
     multiple: int
     rounding: Rounding
     max_references: int | None  # control images per sample; None: any number
-    # (w, h) of a reference of w x h pixels as the stock pipeline's __call__ sizes it at inference
-    # (`--control_resolution pipeline`)
-    inference_reference_size: Callable[[int, int], tuple[int, int]]
+    # (w, h) of a reference of w x h pixels as the stock pipeline's __call__ sizes it at inference, or a ResizePlan
+    # (crop box within it, size) where the pipeline crops (`--control_resolution pipeline`)
+    inference_reference_size: Callable[[int, int], tuple[int, int] | ResizePlan]
     # ((w, h) of the cropped control, (w, h) of its VAE input) -> (w, h) of the image the text encoder sees;
     # None: the text encoder sees no image
     condition_size: Callable[[tuple[int, int], tuple[int, int]], tuple[int, int]] | None
