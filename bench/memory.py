@@ -41,6 +41,7 @@ import argparse
 import gc
 import itertools
 import math
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,14 @@ def real_transformer(model: str, num_blocks: int | tuple[int, ...], dtype: torch
     """The real FLUX.1 Kontext / Qwen-Image transformer config (24 heads x 128, real text widths) with fewer blocks:
     `num_blocks` per kind (an int gives that many of each)."""
     counts = (num_blocks,) * (2 if model == "flux_kontext" else 1) if isinstance(num_blocks, int) else num_blocks
-    if model == "flux_kontext":
-        return FluxTransformer2DModel(guidance_embeds=True, num_layers=counts[0], num_single_layers=counts[1]).to(dtype)
-    return QwenImageTransformer2DModel(num_layers=counts[0]).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in `dtype` directly: a float32 copy of the full Qwen would be 82 GB
+    try:
+        if model == "flux_kontext":
+            return FluxTransformer2DModel(guidance_embeds=True, num_layers=counts[0], num_single_layers=counts[1])
+        return QwenImageTransformer2DModel(num_layers=counts[0])
+    finally:
+        torch.set_default_dtype(default)
 
 
 def model_inputs(
@@ -291,6 +297,8 @@ def _cuda_rows(cases: list[Case], batches: list[int], root: Path) -> list[dict]:
     for case in cases:
         checkpoint = root / case.model
         if not checkpoint.exists():
+            for other in root.iterdir():  # one full-size checkpoint on disk at a time (FLUX 24 GB, Qwen 41 GB)
+                shutil.rmtree(other)
             real_transformer(case.model, case.blocks, torch.bfloat16).save_pretrained(checkpoint / "transformer")
         for checkpointing, batch, option in itertools.product((True, False), batches, OPTIONS):
             inputs = model_inputs(
