@@ -91,6 +91,7 @@ def resolution_policy(args: argparse.Namespace, model: EditModel | str) -> Resol
         flags = "--resolution/--multi_resolutions/--target_area/--max_aspect_ratio/--control_resolution"
         raise UserError(f"size flags ({flags}): {error}") from error
 
+
 def add_output_args(parser: argparse.ArgumentParser) -> None:
     """--quiet, shared by every script (INFO lines are shown by default)."""
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors, no INFO lines")
