@@ -25,6 +25,7 @@ from math import prod
 import torch
 from torch.utils.data import Sampler
 
+from common.errors import UserError
 from common.padding import padding_ratio
 
 
@@ -199,7 +200,7 @@ class TokenBudgetBatchSampler(RandomBatchSampler):
             raise ValueError(f"{len(self.tokens)} token counts for {len(self.lengths)} samples")
         longest = max(range(len(self.tokens)), key=self.tokens.__getitem__, default=None)
         if longest is not None and self.tokens[longest] > max_tokens:
-            raise ValueError(
+            raise UserError(
                 f"--max_tokens_per_batch {max_tokens} is smaller than sample {longest} "
                 f"({self.tokens[longest]} tokens); give at least that"
             )

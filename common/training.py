@@ -272,6 +272,7 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     # folder (another run's results, the checkpoint to resume), then the data (rows validated, or the cache checked).
     resume, run = start_run(args, run_identity(args, model.name, accelerator.num_processes))
     data = open_training_data(args, model, accelerator.device, weight_dtype)
+    sampler = _sampler(args, model, data, accelerator)  # a --max_tokens_per_batch below a sample's tokens fails here
     if args.validation_steps:
         validation_rows(args.validation_prompts, args.validation_images, model)
     accelerator.wait_for_everyone()
@@ -309,7 +310,6 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     )
 
     # Data: cached or encoded on the fly, in the same row format; the sampler splits global batches across ranks.
-    sampler = _sampler(args, model, data, accelerator)
     loader = DataLoader(
         data.dataset,
         batch_sampler=sampler,

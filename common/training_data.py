@@ -262,7 +262,7 @@ def real_token_counts(args: argparse.Namespace, model: EditModel, data: Training
     elif model.max_sequence_length is not None:  # fixed-length text (T5-style): always the flags' text length
         text = [text_length(args, model)] * len(data.lengths)
     else:
-        raise ValueError(
+        raise UserError(
             "--max_tokens_per_batch needs each prompt's token count, which for this model is known only once encoded:"
             " cache the data set first with precompute_cache.py and pass --cache_dir"
         )

@@ -128,11 +128,12 @@ def test_offloaded_encoders_encode_identically(tiny_checkpoint):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 @pytest.mark.parametrize(
     ("script", "precision"),
-    [("train_flux_kontext.py", "nf4"), ("train_qwen_edit.py", "int8"), ("train_qwen_edit_plus.py", "nf4")],
+    [("train_flux_kontext.py", "nf4"), ("train_qwen_edit_plus.py", "int8")],
 )
 def test_bitsandbytes_without_cuda_fails_fast_in_one_line(script, precision, tmp_path):
-    """Refused right after parsing (the model path does not even exist), one line, no traceback, non-zero exit."""
-    argv = ["--pretrained_model_name_or_path", str(tmp_path / "missing"), "--dataset", str(tmp_path / "missing")]
+    """Refused right after parsing (neither the model, a hub name, nor the data exists), one line, no traceback,
+    non-zero exit."""
+    argv = ["--pretrained_model_name_or_path", "nobody/missing", "--dataset", str(tmp_path / "missing")]
     result = subprocess.run(
         [sys.executable, str(ROOT / script), *argv, "--base_precision", precision],
         cwd=tmp_path,

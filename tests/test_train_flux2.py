@@ -9,7 +9,7 @@ from common.cache import load_cache
 from common.sampler import RandomBatchSampler
 
 
-class TestFlux2Klein(h.TrainerCases):
+class TestFlux2Klein(h.TrainerCases, h.ProcessCases):
     MODEL = KIT = "flux2_klein"
 
     def test_batches_mix_reference_counts(self, kit, cached_run):

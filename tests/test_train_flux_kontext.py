@@ -5,8 +5,11 @@ import math
 import trainer_harness as h
 
 
-class TestKontext(h.TrainerCases, h.EqualSizeCases):
+class TestKontext(h.TrainerCases, h.ProcessCases, h.EqualSizeCases):
     MODEL = KIT = "flux_kontext"
+
+    def test_resume_with_fp8_and_offloaded_blocks_is_bitwise_equal(self, kit, tmp_path):
+        h.check_resume_after_sigkill(self.MODEL, kit, tmp_path, "--base_precision", "fp8", "--offload_blocks")
 
     def test_accumulation_equals_a_larger_batch(self, kit, tmp_path):
         argv = [*kit["flags"], "--cache_dir", str(kit["cache"])]
