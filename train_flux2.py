@@ -19,8 +19,9 @@ import argparse
 
 from diffusers import DiffusionPipeline
 
-from common.cli import add_model_args, parse_training_args
+from common.cli import add_model_args, check_local_path, parse_training_args
 from common.demo import run
+from common.errors import UserError, run_script
 from common.models import EditModel
 from common.models.flux2 import FLUX2_DEV, FLUX2_KLEIN
 
@@ -34,10 +35,14 @@ def model_for(argv: list[str] | None = None) -> EditModel:
     known, _ = parser.parse_known_args(argv)
     if known.pretrained_model_name_or_path is None:
         return FLUX2_KLEIN
-    pipeline = DiffusionPipeline.load_config(known.pretrained_model_name_or_path, revision=known.revision)
+    check_local_path("pretrained_model_name_or_path", known.pretrained_model_name_or_path)
+    try:
+        pipeline = DiffusionPipeline.load_config(known.pretrained_model_name_or_path, revision=known.revision)
+    except OSError as error:  # no model_index.json there, or the hub cannot be reached
+        raise UserError(f"--pretrained_model_name_or_path {known.pretrained_model_name_or_path}: {error}") from error
     name = pipeline.get("_class_name")
     if name not in MODELS:
-        raise ValueError(
+        raise UserError(
             f"--pretrained_model_name_or_path {known.pretrained_model_name_or_path}: its model_index.json names "
             f"{name!r}; train_flux2.py trains {' or '.join(MODELS)} checkpoints"
         )
@@ -50,4 +55,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    run(parse_args(), model_for())
+    run_script(lambda: run(parse_args(), model_for()))

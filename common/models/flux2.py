@@ -214,7 +214,7 @@ FLUX2_KLEIN = EditModel(
     tiny_components=flux2_klein_components,
     demo_controls_per_row=(1, 2, 3, 0),
     hub=HubDescription(
-        "black-forest-labs/FLUX.2-klein-4B", ("flux2", "flux2-klein", "image-editing"), license="apache-2.0"
+        "black-forest-labs/FLUX.2-klein-base-4B", ("flux2", "flux2-klein", "image-editing"), license="apache-2.0"
     ),
     script="train_flux2.py",
 )
