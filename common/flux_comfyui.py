@@ -21,7 +21,8 @@ _FLUX_BLOCK = re.compile(r"(?P<single>single_)?transformer_blocks\.(?P<index>\d+
 
 # FLUX diffusers module (inside a block, or top-level) -> (BFL module, index of its part in the BFL linear), as in
 # ComfyUI's `comfy.utils.flux_to_diffusers`.
-_FLUX_DOUBLE = {
+# The double blocks' attention: the same diffusers names and BFL parts in FLUX.1 and FLUX.2.
+DOUBLE_BLOCK_ATTENTION = {
     "attn.to_q": ("img_attn.qkv", 0),
     "attn.to_k": ("img_attn.qkv", 1),
     "attn.to_v": ("img_attn.qkv", 2),
@@ -30,6 +31,9 @@ _FLUX_DOUBLE = {
     "attn.add_v_proj": ("txt_attn.qkv", 2),
     "attn.to_out.0": ("img_attn.proj", 0),
     "attn.to_add_out": ("txt_attn.proj", 0),
+}
+_FLUX_DOUBLE = {
+    **DOUBLE_BLOCK_ATTENTION,
     "ff.net.0.proj": ("img_mlp.0", 0),
     "ff.net.2": ("img_mlp.2", 0),
     "ff_context.net.0.proj": ("txt_mlp.0", 0),

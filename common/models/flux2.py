@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from common import flux2
 from common.attention import base_model
 from common.batch import NoisyBatch
-from common.flux_comfyui import BflLayout
+from common.flux_comfyui import DOUBLE_BLOCK_ATTENTION, BflLayout
 from common.models.base import EditModel, HubDescription
 from common.resolution import ResizePlan
 from common.tiny_components import FLUX2_TRANSFORMER, flux2_dev_components, flux2_klein_components
@@ -64,14 +64,7 @@ LORA_TARGETS = (
 # fused in diffusers (`to_qkv_mlp_proj`), so only the double blocks' q/k/v are fused.
 COMFYUI_LAYOUT = BflLayout(
     double={
-        "attn.to_q": ("img_attn.qkv", 0),
-        "attn.to_k": ("img_attn.qkv", 1),
-        "attn.to_v": ("img_attn.qkv", 2),
-        "attn.add_q_proj": ("txt_attn.qkv", 0),
-        "attn.add_k_proj": ("txt_attn.qkv", 1),
-        "attn.add_v_proj": ("txt_attn.qkv", 2),
-        "attn.to_out.0": ("img_attn.proj", 0),
-        "attn.to_add_out": ("txt_attn.proj", 0),
+        **DOUBLE_BLOCK_ATTENTION,
         "ff.linear_in": ("img_mlp.0", 0),
         "ff.linear_out": ("img_mlp.2", 0),
         "ff_context.linear_in": ("txt_mlp.0", 0),
