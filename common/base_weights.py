@@ -284,12 +284,23 @@ def offload_modules(module: nn.Module, device: torch.device) -> None:
     _register(module, BlockOffloadHook(rest, device, stream), _BLOCK_OFFLOAD)
 
 
+class ExecutionDevice:
+    """Where an offloaded model computes, where diffusers looks for it: its pipelines put a model's inputs on
+    `get_module_execution_device(model)` and create latents on `_execution_device`, which read accelerate's
+    `_hf_hook.execution_device` and otherwise take the device of the weights (the CPU while offloaded)."""
+
+    def __init__(self, device: torch.device) -> None:
+        """`device`: where the model's blocks are onloaded to compute."""
+        self.execution_device = device
+
+
 def offload_pipeline(pipe: object, device: torch.device) -> None:
     """Offload every model of a pipeline loaded on CPU with `offload_modules`; a VAE, whose `encode`/`decode` are
-    not its forward, per child (encoder, decoder, quant convs)."""
+    not its forward, per child (encoder, decoder, quant convs). The pipeline then computes on `device`."""
     for component in pipe.components.values():
         if not isinstance(component, nn.Module):
             continue
+        component._hf_hook = ExecutionDevice(torch.device(device))
         parts = list(component.children()) if hasattr(component, "encode") else [component]
         for part in parts:
             if any(True for _ in part.parameters()):

@@ -76,7 +76,9 @@ class Encoders:
     @torch.no_grad()
     def encode_prompt(self, prompt: str, condition_images: Sequence[PIL.Image.Image] = ()) -> dict[str, torch.Tensor]:
         """Prompt embeddings on CPU: "prompt_embeds" (T, D), and "pooled_prompt_embeds" (P,) where the model has one."""
-        return self.model.encode_prompt(self.pipe, prompt, list(condition_images), self.max_sequence_length)
+        return self.model.encode_prompt(
+            self.pipe, prompt, list(condition_images), self.max_sequence_length, self.device
+        )
 
     def encode(self, sample: SampleLike) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Encode one sample: prompt embeddings (+ pooled), "target_latents" and "control_latents", on CPU."""

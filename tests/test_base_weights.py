@@ -10,10 +10,13 @@ import pytest
 import torch
 from conftest import reduce_base
 from diffusers import FluxTransformer2DModel
+from diffusers.utils.torch_utils import get_module_execution_device
 from peft import LoraConfig
+from PIL import Image
 
 from common.base_weights import FP8, blocks, load_transformer, place_base_weights, quantize_fp8
 from common.encoders import load_encoders
+from common.models import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,6 +126,38 @@ def test_offloaded_encoders_encode_identically(tiny_checkpoint):
     assert torch.equal(expected["prompt_embeds"], got["prompt_embeds"])
     pixels = torch.rand(3, 64, 64) * 2 - 1
     assert torch.equal(resident.encode_image(pixels), offloaded.encode_image(pixels))
+
+
+class _Reached(Exception):
+    """Raised by a forward pre-hook once it has seen a module's inputs (meta weights cannot be onloaded)."""
+
+
+@pytest.mark.parametrize("model", ["flux_kontext", "qwen_edit", "qwen_edit_plus", "flux2_klein", "flux2_dev"])
+def test_offloaded_encoders_get_their_inputs_on_the_compute_device(tiny_checkpoint, model):
+    """The first GPU run: offloaded encoders got CPU token ids (the pipelines put inputs where
+    `get_module_execution_device` says, which was where offloaded weights live) while the hooks onloaded the
+    weights to the GPU. With `meta` as the compute device the first text encoder and the VAE encoder must get their
+    inputs on meta, and every model of the pipeline, and the pipeline itself (its `__call__` creates latents
+    there), must report meta as where it computes. (Meta weights cannot be onloaded: each run stops at the inputs.)"""
+    encoders = load_encoders(model, tiny_checkpoint(model), device="meta", offload=True)
+    pipe, meta = encoders.pipe, torch.device("meta")
+    seen: list[set[torch.device]] = []
+
+    def reach(module, args, kwargs):
+        seen.append({t.device for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)})
+        raise _Reached
+
+    models = {name: c for name, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    for name, component in models.items():
+        (component.encoder if name == "vae" else component).register_forward_pre_hook(reach, with_kwargs=True)
+    images = [Image.new("RGB", (32, 32))] if get_model(model).condition_size else []
+    with pytest.raises(_Reached):
+        encoders.encode_prompt("a red cat", images)
+    with pytest.raises(_Reached):
+        encoders.encode_image(torch.zeros(3, 32, 32))
+    assert seen == [{meta}, {meta}]
+    assert {name: get_module_execution_device(c) for name, c in models.items()} == dict.fromkeys(models, meta)
+    assert encoders.device == meta and pipe._execution_device == meta
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

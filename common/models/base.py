@@ -22,9 +22,10 @@ from common.batch import NoisyBatch, pack_latents
 from common.flow_matching import shift_mu
 from common.resolution import ResizePlan, ResolutionPolicy, Rounding
 
-# (pipeline loaded without its transformer, prompt, the sample's condition images, text length or None) -> CPU
+# (pipeline loaded without its transformer, prompt, the sample's condition images, text length or None, device the
+# encoders compute on, which is not where their weights live while offloaded) -> CPU
 # {"prompt_embeds": (T, D)[, "pooled_prompt_embeds": (P,)]}
-PromptEncoder = Callable[[DiffusionPipeline, str, list[PIL.Image.Image], int | None], dict[str, Tensor]]
+PromptEncoder = Callable[[DiffusionPipeline, str, list[PIL.Image.Image], int | None, torch.device], dict[str, Tensor]]
 # (pipeline, (1, 3, H, W) image in [-1, 1] laid out as the pipeline's image processor hands it over) -> (C, h, w)
 ImageEncoder = Callable[[DiffusionPipeline, Tensor], Tensor]
 # (VAE, packed latents (N, C), height, width, vae_scale_factor) -> (1, 3, H, W) pixels in [-1, 1]

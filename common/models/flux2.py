@@ -122,11 +122,12 @@ def encode_prompt(
     prompt: str,
     condition_images: list[PIL.Image.Image],
     max_sequence_length: int | None,
+    device: torch.device,
 ) -> dict[str, Tensor]:
     """The pipeline's `encode_prompt`: (T, D) with T = max_sequence_length (padding is attended, as at inference)."""
     if condition_images:
         raise ValueError("FLUX.2's text encoders see no images; condition_images must be empty")
-    embeds, _ = pipe.encode_prompt(prompt, device=pipe.vae.device, max_sequence_length=max_sequence_length)
+    embeds, _ = pipe.encode_prompt(prompt, device=device, max_sequence_length=max_sequence_length)
     return {"prompt_embeds": embeds[0].cpu().contiguous()}
 
 

@@ -61,13 +61,17 @@ def kontext_preferred_size(width: int, height: int) -> tuple[int, int]:
 
 
 def encode_prompt(
-    pipe: FluxKontextPipeline, prompt: str, condition_images: list[PIL.Image.Image], max_sequence_length: int | None
+    pipe: FluxKontextPipeline,
+    prompt: str,
+    condition_images: list[PIL.Image.Image],
+    max_sequence_length: int | None,
+    device: torch.device,
 ) -> dict[str, Tensor]:
     """T5 embeddings padded to `max_sequence_length` (the pipeline attends to the padding too), CLIP pooled one."""
     if condition_images:
         raise ValueError("FLUX.1 Kontext's text encoders see no images; condition_images must be empty")
     embeds, pooled, _ = pipe.encode_prompt(
-        prompt, prompt_2=None, device=pipe.vae.device, max_sequence_length=max_sequence_length
+        prompt, prompt_2=None, device=device, max_sequence_length=max_sequence_length
     )
     return {"prompt_embeds": embeds[0].cpu().contiguous(), "pooled_prompt_embeds": pooled[0].cpu().contiguous()}
 

@@ -72,22 +72,29 @@ def plus_condition_size(cropped: tuple[int, int], vae_size: tuple[int, int]) -> 
     return size_for_area(*cropped, pipeline_qwenimage_edit_plus.CONDITION_IMAGE_SIZE, MULTIPLE)
 
 
-def _prompt_embeds(pipe: QwenImageEditPlusPipeline, prompt: str, image: object) -> dict[str, Tensor]:
-    """The pipeline's `encode_prompt` of one prompt, prefix dropped by the pipeline and padding by its mask."""
-    embeds, mask = pipe.encode_prompt(prompt, image=image, device=pipe.vae.device)
+def _prompt_embeds(
+    pipe: QwenImageEditPlusPipeline, prompt: str, image: object, device: torch.device
+) -> dict[str, Tensor]:
+    """The pipeline's `encode_prompt` of one prompt on `device`, prefix dropped by the pipeline and padding by its
+    mask."""
+    embeds, mask = pipe.encode_prompt(prompt, image=image, device=device)
     embeds = embeds[0] if mask is None else embeds[0, mask[0].bool()]
     return {"prompt_embeds": embeds.cpu().contiguous()}
 
 
 def encode_prompt_edit(
-    pipe: QwenImageEditPipeline, prompt: str, condition_images: list[PIL.Image.Image], max_sequence_length: int | None
+    pipe: QwenImageEditPipeline,
+    prompt: str,
+    condition_images: list[PIL.Image.Image],
+    max_sequence_length: int | None,
+    device: torch.device,
 ) -> dict[str, Tensor]:
     """Qwen2.5-VL embedding of the prompt with its single resized control image (module doc for none)."""
     if len(condition_images) > 1:
         raise ValueError(f"Qwen-Image-Edit's template holds at most one image, got {len(condition_images)}")
     if not condition_images:
-        return _prompt_embeds(QwenImageEditPlusPipeline(**pipe.components), prompt, None)
-    return _prompt_embeds(pipe, prompt, condition_images[0])
+        return _prompt_embeds(QwenImageEditPlusPipeline(**pipe.components), prompt, None, device)
+    return _prompt_embeds(pipe, prompt, condition_images[0], device)
 
 
 def encode_prompt_plus(
@@ -95,9 +102,10 @@ def encode_prompt_plus(
     prompt: str,
     condition_images: list[PIL.Image.Image],
     max_sequence_length: int | None,
+    device: torch.device,
 ) -> dict[str, Tensor]:
     """Qwen2.5-VL embedding of the prompt with a "Picture k:" entry per condition image."""
-    return _prompt_embeds(pipe, prompt, condition_images or None)
+    return _prompt_embeds(pipe, prompt, condition_images or None, device)
 
 
 def encode_image(pipe: QwenImageEditPipeline, image: Tensor) -> Tensor:
