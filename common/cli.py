@@ -14,6 +14,7 @@ from common.errors import UserError
 from common.flow_matching import TIMESTEP_SAMPLING
 from common.models import EditModel, get_model
 from common.resolution import ResolutionPolicy, parse_resolution, size_for_area
+from common.sdpa import add_sdpa_args
 
 CONTROL_RESOLUTIONS = ("target", "pipeline")
 SECRET_FLAGS = ("hub_token",)  # never written to files, trackers or logs
@@ -192,6 +193,7 @@ def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, 
     train.add_argument("--mixed_precision", default=None, choices=["no", "bf16", "fp16"], help="default: accelerate's")
     train.add_argument("--gradient_checkpointing", action="store_true")
     train.add_argument("--attention_backend", default="auto", choices=["auto", "masked", "split", "varlen"])
+    add_sdpa_args(train)
     train.add_argument("--group_by_length", action="store_true", help="batch samples of similar token counts")
     train.add_argument(
         "--max_tokens_per_batch",

@@ -45,6 +45,7 @@ from common.padding import pad_sequences, padding_ratio
 from common.plots import CURVES_FILE, save_training_curves
 from common.run_guard import METRICS_FILE, run_identity, start_run, write_run
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, TokenBudgetBatchSampler, collate_ragged
+from common.sdpa import sdpa_kernels
 from common.training_data import TrainingData, open_training_data, real_token_counts
 from common.validation import Validation, validation_rows
 
@@ -423,7 +424,7 @@ def accumulate_step(
     state: TrainState,
 ) -> dict[str, float]:
     """Forward and backward of one optimizer step's micro-batches (gradients synchronised on the last); returns the
-    logged loss, real tokens and padding ratio of the step.
+    logged loss, real tokens and padding ratio of the step. Attention uses the --sdpa_kernels only, in backward too.
 
     The loss is normalised by the target tokens of all the step's micro-batches on all ranks (fetched before the
     first forward), so accumulating k micro-batches equals one k times larger batch, whatever their sizes."""
@@ -432,7 +433,7 @@ def accumulate_step(
     global_target_tokens = accelerator.reduce(count)
     for micro, (epoch, batch) in enumerate(step_batches):
         last = micro == len(step_batches) - 1
-        with nullcontext() if last else accelerator.no_sync(transformer):
+        with sdpa_kernels(args.sdpa_kernels), nullcontext() if last else accelerator.no_sync(transformer):
             loss, stats = _micro_step(
                 accelerator, transformer, model, args, scheduler, data, batch, epoch, state, global_target_tokens
             )

@@ -42,6 +42,7 @@ from common.encoders import Encoders
 from common.errors import UserError
 from common.models import EditModel, get_model
 from common.run_guard import VALIDATION_DIR
+from common.sdpa import sdpa_kernels
 from common.training_data import encoders_for
 
 
@@ -180,8 +181,10 @@ class Validation:
         return images
 
     def sample(self, transformer: nn.Module, args: argparse.Namespace) -> list[PIL.Image.Image]:
-        """The validation images as `transformer` renders them now (eval mode meanwhile, its mode restored after)."""
-        return self.decode(self.denoise(transformer, args))
+        """The validation images as `transformer` renders them now (eval mode meanwhile, its mode restored after), every
+        attention call, the VAE's included, with the --sdpa_kernels only."""
+        with sdpa_kernels(args.sdpa_kernels):
+            return self.decode(self.denoise(transformer, args))
 
     def save(self, images: list[PIL.Image.Image], step: int, accelerator: Accelerator) -> Path:
         """Write `validation/step-<step>/<k>.png` under the output folder and log to W&B / TensorBoard."""

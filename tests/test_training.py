@@ -6,11 +6,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.models.attention import AttentionModuleMixin
 from torch.utils.data import DataLoader
 
 from common.lora import add_lora
 from common.models.flux_kontext import FLUX_KONTEXT
 from common.sampler import RandomBatchSampler, collate_ragged
+from common.sdpa import DEFAULT_SDPA_KERNELS, enabled_sdpa_kernels
 from common.tiny import tiny_transformer
 from common.training import TrainState, accumulate_step, make_noisy_batch, micro_batches, target_token_count
 from common.training_data import TrainingData
@@ -26,6 +28,7 @@ def args(**overrides):
         logit_std=1.0,
         sigmoid_scale=1.0,
         mask_loss_weight=1.0,
+        sdpa_kernels=DEFAULT_SDPA_KERNELS,
     )
     return argparse.Namespace(**{**values, **overrides})
 
@@ -231,3 +234,26 @@ def test_two_micro_batches_of_different_sizes_equal_one_combined_batch(kontext_s
     for a, b in zip(split, whole, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert max(float(g.abs().max()) for g in whole) > 1e-4  # the gradients compared are not all zero
+
+
+def test_every_attention_call_of_a_step_runs_without_cudnn_attention(kontext_step):
+    """--sdpa_kernels' default holds in the forward of mixed and equal-size (stock path) batches and in backward,
+    where gradient checkpointing recomputes the forward outside the forward's own context; it is undone after."""
+    transformer, *_, items, run = kontext_step
+    seen = []
+
+    def record(module, args):
+        seen.append((torch._C._current_graph_task_id() != -1, tuple(enabled_sdpa_kernels())))
+
+    attention = [m for m in transformer.modules() if isinstance(m, AttentionModuleMixin)]
+    handles = [m.register_forward_pre_hook(record) for m in attention]
+    transformer.enable_gradient_checkpointing()
+    try:
+        run([(0, collate_ragged(items[:2])), (0, collate_ragged(items[2:]))])
+    finally:
+        transformer.disable_gradient_checkpointing()
+        for handle in handles:
+            handle.remove()
+    assert {in_backward for in_backward, _ in seen} == {False, True}  # forward, and recompute in backward
+    assert {kernels for _, kernels in seen} == {DEFAULT_SDPA_KERNELS} and "cudnn" not in DEFAULT_SDPA_KERNELS
+    assert enabled_sdpa_kernels() == ["flash", "efficient", "cudnn", "math"]

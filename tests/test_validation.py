@@ -13,6 +13,8 @@ import torch
 import trainer_harness as harness
 from conftest import randomize_lora
 from diffusers import DiffusionPipeline, FluxKontextPipeline, QwenImageEditPlusPipeline
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_processor import Attention
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 
 import train_flux2
@@ -20,6 +22,7 @@ import train_flux_kontext
 import train_qwen_edit_plus
 from common.lora import add_lora
 from common.models import EditModel
+from common.sdpa import DEFAULT_SDPA_KERNELS, enabled_sdpa_kernels
 from common.validation import Validation, validation_rows
 
 PROMPTS = [
@@ -118,7 +121,12 @@ def test_flux_kontext_batch_equals_stock_pipeline_per_sample(tiny_checkpoint: An
     assert calls == [(False, 3)] * STEPS  # all samples in one eval-mode batch per step
     assert transformer.training
     assert [image.size for image in rendered] == sizes
+    kernels = []  # --sdpa_kernels (default: no cuDNN attention) in every transformer and VAE attention call
+    for module in [*transformer.modules(), *validation.vae.modules()]:
+        if isinstance(module, AttentionModuleMixin | Attention):  # the VAE's is the older class
+            module.register_forward_pre_hook(lambda *_: kernels.append(tuple(enabled_sdpa_kernels())))
     assert [image.size for image in validation.sample(transformer, args)] == sizes
+    assert len(kernels) > 2 * STEPS and set(kernels) == {DEFAULT_SDPA_KERNELS} and "cudnn" not in kernels[0]
 
     pipe = FluxKontextPipeline.from_pretrained(checkpoint, transformer=transformer.eval())
     pipe.set_progress_bar_config(disable=True)
