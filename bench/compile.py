@@ -33,6 +33,7 @@ from common import flux, qwen
 from common.attention import resolve_backend
 from common.compile import compile_blocks, compiled_frames
 from common.sampler import RandomBatchSampler
+from common.sdpa import sdpa_kernels
 
 
 def bench_model(model_name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> None:
@@ -90,6 +91,7 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
         torch.cuda.empty_cache()
 
 
+@sdpa_kernels()  # the trainers' default kernels (no cuDNN attention)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="both", choices=[*MODELS, "both"])

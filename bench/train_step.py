@@ -64,6 +64,7 @@ from common.loss import masked_mse_loss
 from common.models import get_model
 from common.padding import lengths_mask
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler
+from common.sdpa import sdpa_kernels
 from common.tiny import tiny_transformer
 
 MODELS = ("flux_kontext", "qwen_edit")
@@ -418,6 +419,7 @@ def print_table(results: list[Result], peak: float | None) -> None:
     print(f"mixed grouped / equal size: real tok/s {tokens} (target >= 90%); model TFLOP/s {flops}")
 
 
+@sdpa_kernels()  # the trainers' default kernels (no cuDNN attention)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="both", choices=[*MODELS, "both"])
