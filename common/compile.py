@@ -16,7 +16,17 @@ from common.attention import base_model
 
 
 def compile_blocks(transformer: nn.Module) -> None:
-    """Compile every repeated block of `transformer` (it may be wrapped by PEFT/DDP) with dynamic shapes, in place."""
+    """Compile every repeated block of `transformer` (it may be wrapped by PEFT/DDP) with dynamic shapes, in place.
+
+    Turns off Inductor's coalescing analysis of tilings for this process (graphs compile at the first forward): its
+    own config says it does not apply to dynamic shapes, yet it runs on them, and on full-size FLUX.1 Kontext with
+    torch 2.11 it asserted in `tiling_utils.get_pw_red_splits` during Triton codegen. Without it Inductor tiles
+    with its older heuristic."""
+    from torch._inductor import config as inductor_config
+
+    triton_config = inductor_config.triton
+    if hasattr(triton_config, "coalesce_tiling_analysis"):  # torch >= 2.8; older versions have no such analysis
+        triton_config.coalesce_tiling_analysis = False
     base_model(transformer).compile_repeated_blocks(dynamic=True)
 
 
