@@ -134,7 +134,16 @@ def environment() -> list[str]:
     from common.attention import varlen_available
 
     versions = []
-    for package in ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "datasets"):
+    for package in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "accelerate",
+        "peft",
+        "safetensors",
+        "datasets",
+        "bitsandbytes",
+    ):
         try:
             versions.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
