@@ -1,23 +1,26 @@
 """Everything a short GPU session should run, in one command, into one markdown report. Not a test.
 
-    python -m bench.gpu_check                  # on a CUDA machine: about 8 minutes on an H100/H200
+    PYTHONPATH=$PWD/.gpu_site python -m bench.gpu_check      # on a CUDA machine: at most 8 minutes (BUDGET_S)
 
 Stages, in priority order, each a subprocess with its own time limit cut from the total `--budget_s`, so a
 crash, an out-of-memory error or a hang in one stage still leaves the others and the report:
 1. `pytest -m cuda`: mixed batch vs each sample alone through the stock model and LoRA gradients for every
-   attention backend (varlen included) in fp32 and bf16, FLUX and Qwen (zero_cond_t too), and one bf16 trainer
-   run per trainer.
-2. `bench.train_step` at full size (FLUX.1 Kontext, then Qwen-Image-Edit; random weights, bf16, LoRA r16,
-   gradient checkpointing) for every backend: s/step, real tokens/s, MFU, padding, peak memory, rope+mask share.
-3. `bench.memory`, if that module exists in this checkout.
-4. `bench.token_budget`: fixed batch size vs `--max_tokens_per_batch` batches (tokens per step, real tokens/s).
-5. `bench.compile`: eager vs `--compile` side by side on full-size FLUX.1 Kontext, with recompiles (last: the
-   stage most likely to be cut short by the budget; `--budget_s 570` gives it room within a 10-minute call).
+   attention backend (varlen included) in fp32 and bf16, and one bf16 trainer run per trainer (tiny models).
+2. The trainer scripts themselves, 2 steps each on a full-size checkpoint with random weights (`bench.random_weights`:
+   the released configs, weights made on the GPU), as a user runs them: bf16, gradient checkpointing, mixed sizes up
+   to 1024^2 in batches of 2, validation at step 2, no tracker; FLUX.1 Kontext, Qwen-Image-Edit-2509 with 2
+   references per sample, FLUX.2 [klein] with 2 references.
+3. `bench.memory --device cuda`, one process per option (auto, fp8, nf4, int8, auto+offload, fp8+offload) for
+   FLUX.1 Kontext and Qwen-Image-Edit-2509 with 1 and 2 references, batch 1.
+4. `bench.train_step` (full-size FLUX.1 Kontext, every backend) and `bench.compile` (eager vs `--compile`), cut to
+   fit: whatever budget is left.
 
-The report is written after every stage to `--report` (default: `$OUT/gpu_check.md` when OUT is set, else
-`gpu_check.md`), and its path is printed first and last. Without CUDA it prints that it needs a GPU, runs
-nothing and exits 0. It imports neither `datasets`, `wandb` nor `bitsandbytes` itself (the CUDA trainer tests
-need `datasets`; README, "Benchmarks", lists the wheels to carry).
+A stage starts only with at least MIN_STAGE_S left, and runs for at most its limit or what is left. The report is
+written after every stage to `--report` (default: `$OUT/gpu_check.md` when OUT is set, else `gpu_check.md`), and its
+path is printed first and last: one table row per stage with its status, time and, for a failed stage, the last line
+of its traceback or error; then per stage its command and output, with the last lines of stderr where it failed.
+Without CUDA it prints that it needs a GPU, runs nothing and exits 0. It imports neither `datasets`, `wandb` nor
+`bitsandbytes` itself (README, "Benchmarks": `bash bench/fetch_wheels.sh` makes the folder to carry).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,19 @@ from pathlib import Path
 import torch
 
 BUDGET_S = 480  # the whole check: 8 minutes
+MIN_STAGE_S = 20  # a stage needs at least this much of the budget to start
+STDERR_LINES = 40  # stderr lines kept in the report for a failed stage
+PROGRESS = re.compile(r"\d+%\|")  # tqdm progress bars, dropped from stderr tails
+TABLE = re.compile(r"^\|[ :]*---", re.MULTILINE)  # a markdown table's separator row
+EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b|error:)")  # a traceback's last line
+# A trainer run (stage 2): the flags a user would use, 2 steps of 2 samples, validated at the last step.
+TRAINER_FLAGS = (
+    "--multi_resolutions", "512*512", "768*768", "1024*1024", "--train_batch_size", "2", "--max_train_steps", "2",
+    "--mixed_precision", "bf16", "--gradient_checkpointing", "--report_to", "none", "--validation_steps", "2",
+    "--validation_inference_steps", "2", "--seed", "0",
+)  # fmt: skip
+TRAINER_MODELS = (("flux_kontext", 90), ("qwen_edit_plus", 140), ("flux2_klein", 80))  # (model, limit in s)
+MEMORY_LIMIT_S = 45
 
 
 @dataclass(frozen=True)
@@ -49,37 +68,65 @@ class Stage:
     tail_lines: int | None = None  # keep only the last lines of long outputs (pytest); None keeps everything
 
 
-def stages(python: str) -> list[Stage]:
-    """The stages in priority order (what runs first survives a short budget). Full-size steps use batches of 2
-    (about 10k real tokens per step, enough to fill an H100/H200) to keep every backend within the budget."""
+def trainer_stage(python: str, model: str, limit_s: int, work: Path) -> Stage:
+    """A 2-step run of `model`'s trainer script on a full-size random-weight checkpoint written under `work`."""
+    from bench.random_weights import PROMPT, REFERENCES, control_names
+    from common.models import get_model
+
+    described, folder = get_model(model), work / model
+    controls = ",".join(str(folder / "data" / name) for name in control_names("000", REFERENCES[model]))
+    argv = [python, "-m", "bench.random_weights", "--write", model, str(folder), described.script]
+    argv += ["--pretrained_model_name_or_path", str(folder / "model"), "--dataset", str(folder / "data")]
+    argv += ["--output_dir", str(folder / "out"), *TRAINER_FLAGS]
+    argv += ["--validation_prompts", PROMPT, "--validation_images", controls]
+    return Stage(f"Trainer, {described.title} full size ({described.script})", argv, limit_s)
+
+
+def memory_stages(python: str) -> list[Stage]:
+    """bench.memory's full-size CUDA measurement, one process per case and option (an OOM or crash stays there)."""
+    from bench.memory import CASES, OPTIONS
+
+    return [
+        Stage(
+            f"Memory, {case.name}, {option}",
+            [
+                python,
+                "-m",
+                "bench.memory",
+                "--device",
+                "cuda",
+                "--cases",
+                str(i),
+                "--options",
+                option,
+                "--batch_sizes",
+                "1",
+            ],
+            MEMORY_LIMIT_S,
+        )  # fmt: skip
+        for i, case in enumerate(CASES)
+        for option in OPTIONS
+    ]
+
+
+def stages(python: str, work: Path) -> list[Stage]:
+    """The stages in priority order (what runs first survives a short budget); trainer runs write under `work`."""
     full = ["--device", "cuda", "--batch_size", "2"]
-    planned = [
-        Stage("CUDA tests (pytest -m cuda)", [python, "-m", "pytest", "-m", "cuda", "-q", "-rfEs"], 120, 60),
+    return [
+        Stage("CUDA tests (pytest -m cuda)", [python, "-m", "pytest", "-m", "cuda", "-q", "-rfEs"], 110, 60),
+        *(trainer_stage(python, model, limit, work) for model, limit in TRAINER_MODELS),
+        *memory_stages(python),
         Stage(
             "Train step, FLUX.1 Kontext full size",
-            [python, "-m", "bench.train_step", "--model", "flux_kontext", *full, "--steps", "3", "--warmup", "1"],
+            [python, "-m", "bench.train_step", "--model", "flux_kontext", *full, "--steps", "2", "--warmup", "1"],
             90,
         ),
         Stage(
-            "Train step, Qwen-Image-Edit full size",
-            [python, "-m", "bench.train_step", "--model", "qwen_edit", *full, "--steps", "3", "--warmup", "1"],
-            100,
+            "Compile, FLUX.1 Kontext full size",
+            [python, "-m", "bench.compile", "--model", "flux_kontext", *full, "--steps", "6", "--warmup", "3"],
+            120,
         ),
     ]
-    if importlib.util.find_spec("bench.memory") is not None:
-        call = "import sys; from bench.memory import main; sys.exit(main(sys.argv[1:]))"
-        planned.append(Stage("Memory (bench.memory)", [python, "-c", call], 60))
-    planned.append(
-        Stage("Token budget vs batch size (tiny, CUDA)", [python, "-m", "bench.token_budget", "--device", "cuda"], 40)
-    )
-    planned.append(
-        Stage(
-            "Compile, FLUX.1 Kontext full size",
-            [python, "-m", "bench.compile", "--model", "flux_kontext", *full, "--steps", "10", "--warmup", "3"],
-            150,
-        )
-    )
-    return planned
 
 
 def environment() -> list[str]:
@@ -87,7 +134,16 @@ def environment() -> list[str]:
     from common.attention import varlen_available
 
     versions = []
-    for package in ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "datasets"):
+    for package in (
+        "torch",
+        "diffusers",
+        "transformers",
+        "accelerate",
+        "peft",
+        "safetensors",
+        "datasets",
+        "bitsandbytes",
+    ):
         try:
             versions.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
@@ -103,7 +159,8 @@ def environment() -> list[str]:
 
 
 def run_stage(stage: Stage, seconds: float) -> tuple[str, float, str]:
-    """Run one stage with a time limit; returns (status, seconds taken, output)."""
+    """Run one stage with a time limit; returns (status, seconds taken, output: stdout, then where it failed the
+    last STDERR_LINES lines of stderr without progress bars)."""
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     process = subprocess.Popen(
@@ -123,11 +180,22 @@ def run_stage(stage: Stage, seconds: float) -> tuple[str, float, str]:
         stdout, stderr = process.communicate()
         status = f"timed out after {seconds:.0f} s"
     lines = stdout.rstrip().splitlines()
-    if status != "ok":  # the error is on stderr
-        lines += ["--- stderr (last 40 lines) ---", *stderr.rstrip().splitlines()[-40:]]
     if stage.tail_lines is not None and len(lines) > stage.tail_lines:
         lines = [f"... ({len(lines) - stage.tail_lines} lines above left out)", *lines[-stage.tail_lines :]]
+    if status != "ok":  # the error is on stderr
+        errors = [line for line in stderr.rstrip().splitlines() if not PROGRESS.search(line)]
+        lines += [f"--- stderr (last {STDERR_LINES} lines) ---", *errors[-STDERR_LINES:]]
     return status, time.monotonic() - start, "\n".join(lines)
+
+
+def failure(output: str) -> str:
+    """What failed, for the summary table: the last exception or `error:` line of a stage's output (pytest: its
+    FAILED/ERROR lines), else its last line; at most 200 characters, table-safe."""
+    lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("--- stderr")]
+    failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    found = failed or [line for line in lines if EXCEPTION.match(line)] or lines[-1:]
+    text = "; ".join(found) if failed else (found[-1] if found else "")
+    return text[:200].replace("|", "\\|")
 
 
 def default_report() -> Path:
@@ -153,22 +221,25 @@ def main(argv: list[str] | None = None) -> int:
         machine = [f"- environment could not be read: {type(error).__name__}: {error}"]
     header = [f"# GPU check, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "", *machine, ""]
     summary, sections, failed = [], [], False
-    for stage in stages(sys.executable):
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))  # trainer runs: checkpoints of configs, data, outputs
+    for stage in stages(sys.executable, work):
         left = args.budget_s - (time.monotonic() - started)
-        if left < 20:
-            summary.append(f"| {stage.title} | not run (budget spent) | |")
+        if left < MIN_STAGE_S:
+            summary.append(f"| {stage.title} | not run (budget spent) | | |")
             failed = True
         else:
             print(f"== {stage.title} (limit {min(stage.limit_s, left):.0f} s)", flush=True)
             status, seconds, output = run_stage(stage, min(stage.limit_s, left))
             print(f"   {status} in {seconds:.0f} s", flush=True)
             failed |= status != "ok"
-            summary.append(f"| {stage.title} | {status} | {seconds:.0f} s |")
+            what = "" if status == "ok" else failure(output)
+            summary.append(f"| {stage.title} | {status} | {seconds:.0f} s | {what} |")
             sections += [f"## {stage.title}", "", f"`{' '.join(stage.argv[1:])}`: {status}, {seconds:.0f} s", ""]
             # Benchmarks print markdown tables: keep them as markdown; anything else goes in a code block.
-            sections += [output, ""] if "| --- |" in output else ["```", output, "```", ""]
-        table = ["| stage | status | time |", "| --- | --- | ---: |", *summary, ""]
+            sections += [output, ""] if TABLE.search(output) else ["```", output, "```", ""]
+        table = ["| stage | status | time | what failed |", "| --- | --- | ---: | --- |", *summary, ""]
         report.write_text("\n".join([*header, *table, *sections]))
+    shutil.rmtree(work, ignore_errors=True)
     print(f"report: {report.resolve()} ({time.monotonic() - started:.0f} s in all)")
     return 1 if failed else 0
 

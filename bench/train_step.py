@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 from bench.mixed_forward import TINY_CONFIG
 from bench.padding_ratio import synthetic_sizes
+from bench.random_weights import build_random
 from common import flux, qwen
 from common.attention import BACKENDS, MixedAttention, available_backends, base_model
 from common.compile import compile_blocks
@@ -229,15 +230,19 @@ def _batch(
 
 
 def build(model: str, tiny: bool, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Random-weight transformer built directly on the device in `dtype`, with a rank-16 LoRA adapter."""
+    """Random-weight transformer in `dtype` on the device, with a rank-16 LoRA adapter: tiny ones built there, full
+    size ones from `meta` with their weights made on the device (`bench.random_weights`, no CPU initialisation)."""
     cls = FluxTransformer2DModel if model == "flux_kontext" else QwenImageTransformer2DModel
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = tiny_transformer(model, **TINY_CONFIG[model]) if tiny else cls(**FULL_CONFIG[model])
-    finally:
-        torch.set_default_dtype(default)
+    if tiny:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                transformer = tiny_transformer(model, **TINY_CONFIG[model])
+        finally:
+            torch.set_default_dtype(default)
+    else:
+        transformer = build_random(lambda: cls(**FULL_CONFIG[model]), dtype, device)
     transformer.requires_grad_(False)
     targets = [
         name

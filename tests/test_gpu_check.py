@@ -1,4 +1,5 @@
-"""bench.gpu_check: a no-op without a GPU, stages that exist, time limits that hold, and no heavy imports."""
+"""bench.gpu_check: a no-op without a GPU, stages in priority order that exist, time limits and a budget that hold,
+and a report that says what failed."""
 
 import importlib.util
 import os
@@ -6,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.gpu_check import Stage, run_stage, stages
+import bench.memory
+from bench.gpu_check import BUDGET_S, TRAINER_MODELS, Stage, run_stage, stages
+from common.models import get_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,12 +24,30 @@ def test_without_a_gpu_it_says_so_runs_nothing_and_exits_0(tmp_path):
     assert list(tmp_path.iterdir()) == [], "nothing may be written without a GPU"
 
 
-def test_every_stage_names_a_module_of_this_checkout():
-    planned = stages(sys.executable)
+def test_stages_in_priority_order_name_modules_and_scripts_of_this_checkout(tmp_path):
+    planned = stages(sys.executable, tmp_path)
     assert planned[0].argv[1:5] == ["-m", "pytest", "-m", "cuda"], "the CUDA tests come first"
+    trainers = planned[1:4]
+    assert [s.argv[1:5] for s in trainers] == [["-m", "bench.random_weights", "--write", m] for m, _ in TRAINER_MODELS]
+    assert [m for m, _ in TRAINER_MODELS] == ["flux_kontext", "qwen_edit_plus", "flux2_klein"]
+    for stage, (model, _) in zip(trainers, TRAINER_MODELS, strict=True):
+        script = stage.argv[6]
+        assert script == get_model(model).script and (ROOT / script).is_file()
+        flags = stage.argv[7:]
+        for flag in ("--gradient_checkpointing", "--validation_steps", "1024*1024"):
+            assert flag in flags, (model, flag)
+        assert flags[flags.index("--mixed_precision") + 1] == "bf16" and flags[flags.index("--report_to") + 1] == "none"
+    plus = trainers[1].argv
+    assert len(plus[plus.index("--validation_images") + 1].split(",")) == 2, "Edit-Plus validates with 2 references"
+    memory = planned[4:-2]
+    expected = [(str(i), option) for i in range(len(bench.memory.CASES)) for option in bench.memory.OPTIONS]
+    assert [(s.argv[s.argv.index("--cases") + 1], s.argv[s.argv.index("--options") + 1]) for s in memory] == expected
+    assert all(s.argv[1:5] == ["-m", "bench.memory", "--device", "cuda"] and "--batch_sizes" in s.argv for s in memory)
+    assert [s.argv[2] for s in planned[-2:]] == ["bench.train_step", "bench.compile"]
     for stage in planned:
-        if stage.argv[1] == "-m":
-            assert importlib.util.find_spec(stage.argv[2]) is not None, stage.argv[2]
+        assert importlib.util.find_spec(stage.argv[2]) is not None, stage.argv[2]
+    # The first two priorities (CUDA tests, the three trainers) fit in the budget with room to spare.
+    assert sum(s.limit_s for s in planned[:4]) <= BUDGET_S - 60
 
 
 def test_a_stage_that_overruns_is_stopped_and_reported(tmp_path):
@@ -35,35 +56,38 @@ def test_a_stage_that_overruns_is_stopped_and_reported(tmp_path):
     assert status == "timed out after 2 s" and seconds < 10 and "started" in output
 
 
-def test_stages_run_without_datasets_wandb_or_bitsandbytes():
-    """The GPU machine has none of them: gpu_check and the benchmarks it runs import with all three absent."""
-    modules = ["bench.gpu_check", "bench.train_step", "bench.compile", "bench.token_budget"]
-    code = (
-        "import importlib, sys\n"
-        "for absent in ('datasets', 'wandb', 'bitsandbytes'):\n"
-        "    sys.modules[absent] = None  # as if not installed: importing it raises, find_spec gives None\n"
-        f"for module in {modules}:\n"
-        "    importlib.import_module(module)\n"
-        "print('imported')"
-    )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip() == "imported"
-
-
-def test_report_lists_every_stage_keeps_tables_and_fails_on_a_failed_stage(tmp_path, monkeypatch):
-    """The report logic on CPU: CUDA is declared present and the stages are two small commands."""
+def test_report_says_what_failed_keeps_tables_and_stops_at_the_budget(tmp_path, monkeypatch):
+    """The report logic on CPU: CUDA is declared present and the stages are small commands. A 4 s budget: the
+    sleeper gets only what is left of it (not its own 30 s), and the last stage none."""
     import bench.gpu_check as check
 
-    table = "print('| a | b |'); print('| --- | --- |'); print('| 1 | 2 |')"
+    table = "print('| a | b |'); print('|---|---|'); print('| 1 | 2 |')"
+    crash = (
+        "import sys; print('step 1', flush=True); print('x' * 100, file=sys.stderr); "
+        "print('steps:  50%|#####     | 1/2', file=sys.stderr); "
+        "raise RuntimeError('CUDA error: an illegal memory access was encountered')"
+    )
     planned = [
         Stage("tables", [sys.executable, "-c", table], 30),
-        Stage("broken", [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], 30),
+        Stage("broken", [sys.executable, "-c", crash], 30),
+        Stage("sleeper", [sys.executable, "-c", "import time; time.sleep(30)"], 30),
+        Stage("left out", [sys.executable, "-c", "pass"], 30),
     ]
     monkeypatch.setattr(check.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(check, "stages", lambda python: planned)
-    assert check.main(["--report", str(tmp_path / "report.md")]) == 1
+    monkeypatch.setattr(check, "environment", lambda: ["- a GPU"])
+    monkeypatch.setattr(check, "stages", lambda python, work: planned)
+    monkeypatch.setattr(check, "MIN_STAGE_S", 1)
+    assert check.main(["--report", str(tmp_path / "report.md"), "--budget_s", "4"]) == 1
     text = (tmp_path / "report.md").read_text()
-    assert "| tables | ok |" in text and "| broken | failed (exit 3) |" in text
-    assert "\n| 1 | 2 |\n" in text, "benchmark tables stay markdown"
-    assert "boom" in text, "a failed stage's stderr is in the report"
+    assert "| tables | ok |" in text and "\n| 1 | 2 |\n" in text, "benchmark tables stay markdown"
+    row = next(line for line in text.splitlines() if line.startswith("| broken |"))
+    assert "failed (exit 1)" in row and row.endswith(
+        "| RuntimeError: CUDA error: an illegal memory access was encountered |"
+    )
+    tail = text.split("--- stderr (last 40 lines) ---")[1]
+    assert "Traceback (most recent call last)" in tail and "x" * 100 in tail, "the stderr tail is in the report"
+    assert "50%|" not in tail, "progress bars are left out"
+    sleeper = next(line for line in text.splitlines() if line.startswith("| sleeper |"))
+    assert "timed out after" in sleeper and int(sleeper.split("timed out after ")[1].split()[0]) <= 4
+    assert sleeper.endswith("|  |"), "a stage that printed nothing has nothing to quote"
+    assert "| left out | not run (budget spent) |" in text
