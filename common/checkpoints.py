@@ -120,9 +120,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike) -> dict:
-    """Restore the LoRA (load hook), optimizer and RNG states of `checkpoint` without unpickling (module doc); returns
-    its training_state.json. UserError for a checkpoint holding pickled objects or lacking that file."""
+def check_loadable(checkpoint: str | os.PathLike) -> None:
+    """UserError for a checkpoint holding pickled objects (`register_for_checkpointing`'s files) or no
+    training_state.json: checked before anything loads."""
     folder = Path(checkpoint)
     if pickled := sorted(p.name for p in folder.iterdir() if PICKLED_STATE.fullmatch(p.name)):
         raise UserError(
@@ -132,6 +132,13 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike) -> 
         )
     if not (folder / STATE_FILE).is_file():
         raise UserError(f"--resume_from_checkpoint {folder}: no {STATE_FILE}; it is not a checkpoint of this trainer")
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike) -> dict:
+    """Restore the LoRA (load hook), optimizer and RNG states of `checkpoint` without unpickling (module doc); returns
+    its training_state.json. UserError for a checkpoint `check_loadable` refuses or a state file holding objects."""
+    folder = Path(checkpoint)
+    check_loadable(folder)
     try:
         accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
     except pickle.UnpicklingError as error:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from accelerate.logging import get_logger
 
-from common.checkpoints import RUN_FILE, checkpoints, resolve_resume
+from common.checkpoints import RUN_FILE, check_loadable, checkpoints, resolve_resume
 from common.errors import UserError
 from common.lora import COMFYUI_FILE, LORA_FILE
 
@@ -131,8 +131,8 @@ def start_run(args: argparse.Namespace, identity: dict, flags: dict | None = Non
             shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
             raise UserError(
                 f"--output_dir {output_dir} already holds the results of another run ({shown}); nothing was "
-                "overwritten. Continue that run with --resume_from_checkpoint latest (same settings), or write "
-                "this one to a new --output_dir"
+                "overwritten. Continue that run with --resume_from_checkpoint latest (it keeps its own settings), "
+                "or write this one to a new --output_dir"
             )
         if args.resume_from_checkpoint == "latest":
             logger.info(f"no checkpoint in {output_dir}; starting from step 0", main_process_only=True)
@@ -148,6 +148,7 @@ def start_run(args: argparse.Namespace, identity: dict, flags: dict | None = Non
             f"{resume} belongs to a run with other settings ({'; '.join(differences)}): leave those flags out to "
             "take the run's own, or start a new run in another --output_dir"
         )
+    check_loadable(resume)
     return resume, {"run_id": stored["run_id"], **record}
 
 
