@@ -74,9 +74,9 @@ def save_checkpoint(
     """Save the full training state after `step` (every process calls this); keep at most `total_limit` of them.
 
     `run` (the run record of `common.run_guard`) is stored in the checkpoint as run.json, `state` (plain values: the
-    loop's position and LR schedule) as training_state.json. A write that fails on any
-    process (disk full, permission: OSError, or torch's RuntimeError from a failed write) leaves the earlier
-    checkpoints as they were, removes the partial one, logs why and returns None, so training goes on.
+    loop's position and LR schedule) as training_state.json. A write that fails on any process (disk full,
+    permission: OSError, or torch's RuntimeError from a failed write) leaves the earlier checkpoints as they were,
+    removes the partial one, logs why and returns None, so training goes on.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"

@@ -295,12 +295,12 @@ def _area_flag(area: int) -> str:
     return f"{side}*{side}" if side * side == area else str(area)
 
 
-def cache_size_flags(args: argparse.Namespace, given: set[str]) -> list[str]:
+def cache_size_flags(args: argparse.Namespace, given: set[str]) -> None:
     """With --cache_dir, set the size flags the user did not give to the cache's own (its fingerprint.json names
-    them by flag): --resolution/--multi_resolutions/--target_area together, the others one by one; returns them."""
+    them by flag): --resolution/--multi_resolutions/--target_area together, the others one by one."""
     path = Path(args.cache_dir or "") / FINGERPRINT_FILE
     if not args.cache_dir or not path.is_file():
-        return []  # no cache there: opening it says so
+        return  # no cache there: opening it says so
     stored = json.loads(path.read_text())
     values = {
         "max_aspect_ratio": stored.get("max_aspect_ratio"),
@@ -312,11 +312,9 @@ def cache_size_flags(args: argparse.Namespace, given: set[str]) -> list[str]:
         values["resolution"] = f"{resolution[0]}x{resolution[1]}" if resolution else None
         values["multi_resolutions"] = [_area_flag(a) for a in areas] if areas else None
         values["target_area"] = _area_flag(area) if area else None
-    # None: the cache does not use that setting (the flag's default, None for the size modes, stays)
-    taken = [flag for flag, value in values.items() if value is not None and flag not in given and flag in vars(args)]
-    for flag in taken:
-        setattr(args, flag, values[flag])
-    return taken
+    for flag, value in values.items():
+        if value is not None and flag not in given and flag in vars(args):  # None: a setting the cache does not use
+            setattr(args, flag, value)
 
 
 def _training_parser(model: EditModel | None, description: str = "") -> argparse.ArgumentParser:
@@ -338,25 +336,26 @@ def _given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set
     return set(vars(parser.parse_known_args(argv)[0]))
 
 
-def _parse(model: EditModel | None, description: str, argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
-    """(flags, names given or taken from the run resumed): the flags the user does not give come from the record of
-    the run resumed, then (sizes and text length) from the cache at --cache_dir, before the defaults."""
-    args = _training_parser(model, description).parse_known_args(argv)[0]
+def _parse(model: EditModel | None, description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The flags of `argv` (with a model: all of them, else the shared ones, others ignored); those the user does
+    not give come from the record of the run resumed, then (sizes and text length) from the cache at --cache_dir,
+    before the defaults."""
+    parser = _training_parser(model, description)
+    args = parser.parse_args(argv) if model is not None else parser.parse_known_args(argv)[0]
     given = _given_flags(_training_parser(model, description), argv)
     given |= set(resume_recorded_flags(args, given))
     cache_size_flags(args, given)
-    return args, given
+    return args
 
 
 def known_training_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The shared trainer flags of `argv` (others ignored) as `parse_training_args` completes them, unchecked: for a
     script that picks its model from them."""
-    return _parse(None, "", argv)[0]
+    return _parse(None, "", argv)
 
 
 def parse_training_args(model: EditModel, description: str, argv: list[str] | None = None) -> argparse.Namespace:
     """A trainer's flags (`model`'s included), completed from the run resumed and the cache (`_parse`), checked."""
-    _training_parser(model, description).parse_args(argv)  # unknown flags and --help
-    args, _ = _parse(model, description, argv)
+    args = _parse(model, description, argv)
     check_training_args(args, argv)
     return args

@@ -270,7 +270,8 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
         args.hub_model_id = create_hub_repo(args)
     weight_dtype = _weight_dtype(accelerator)
     # Everything the user can get wrong is checked before any weights load or anything is written: the output
-    # folder (another run's results, the checkpoint to resume), then the data (rows validated, or the cache checked).
+    # folder (another run's results, the checkpoint to resume), the base checkpoint's pipeline, then the data (rows
+    # validated, or the cache checked).
     resume, run = start_run(args, run_identity(args, model.name, accelerator.num_processes), public_config(args))
     checkpoint_model(args.pretrained_model_name_or_path, args.revision, [model], model.script)
     data = open_training_data(args, model, accelerator.device, weight_dtype)
