@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from common.cache import CacheWriter, finalize_cache, load_cache, save_tensors_atomic
-from common.cli import add_data_args, add_model_args, add_output_args, check_local_path, check_ranges, resolution_policy
+from common.cli import add_data_args, add_model_args, add_output_args, check_ranges, checkpoint_model, resolution_policy
 from common.data import prepare_sample, read_rows
 from common.encoders import load_encoders
 from common.errors import UserError, configure_logging, run_script
@@ -29,7 +29,7 @@ logger = get_logger(__name__)
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Flags: the model, where the data comes from and how it is sized, where the cache goes."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=list(MODELS))
     add_model_args(parser)
     add_data_args(parser)
@@ -47,7 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.dataset or not args.cache_dir:
         raise UserError("--dataset and --cache_dir are both required")
     check_ranges(args)
-    check_local_path("pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    model = get_model(args.model)
+    checkpoint_model(
+        args.pretrained_model_name_or_path, args.revision, [model], f"precompute_cache.py --model {model.name}"
+    )
     resolution_policy(args, args.model)
     return args
 

@@ -17,36 +17,21 @@ Flux2Pipeline -> [dev]. The models are `common/models/flux2.py`; the loop is `co
 
 import argparse
 
-from diffusers import DiffusionPipeline
-
-from common.cli import add_model_args, check_local_path, parse_training_args
+from common.cli import checkpoint_model, known_training_args, parse_training_args
 from common.demo import run
-from common.errors import UserError, run_script
+from common.errors import run_script
 from common.models import EditModel
 from common.models.flux2 import FLUX2_DEV, FLUX2_KLEIN
 
-MODELS = {model.pipeline_class.__name__: model for model in (FLUX2_KLEIN, FLUX2_DEV)}
+MODELS = (FLUX2_KLEIN, FLUX2_DEV)
 
 
 def model_for(argv: list[str] | None = None) -> EditModel:
     """The FLUX.2 model of the checkpoint the flags name, by its pipeline class; [klein] for a --demo without one."""
-    parser = argparse.ArgumentParser(add_help=False)
-    add_model_args(parser, demo=True)
-    known, _ = parser.parse_known_args(argv)
+    known = known_training_args(argv)  # the checkpoint may come from the record of the run resumed
     if known.pretrained_model_name_or_path is None:
         return FLUX2_KLEIN
-    check_local_path("pretrained_model_name_or_path", known.pretrained_model_name_or_path)
-    try:
-        pipeline = DiffusionPipeline.load_config(known.pretrained_model_name_or_path, revision=known.revision)
-    except OSError as error:  # no model_index.json there, or the hub cannot be reached
-        raise UserError(f"--pretrained_model_name_or_path {known.pretrained_model_name_or_path}: {error}") from error
-    name = pipeline.get("_class_name")
-    if name not in MODELS:
-        raise UserError(
-            f"--pretrained_model_name_or_path {known.pretrained_model_name_or_path}: its model_index.json names "
-            f"{name!r}; train_flux2.py trains {' or '.join(MODELS)} checkpoints"
-        )
-    return MODELS[name]
+    return checkpoint_model(known.pretrained_model_name_or_path, known.revision, MODELS, "train_flux2.py")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

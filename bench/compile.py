@@ -93,7 +93,9 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
 
 @sdpa_kernels()  # the trainers' default kernels (no cuDNN attention)
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="both", choices=[*MODELS, "both"])
     parser.add_argument("--tiny", action="store_true", help="small models, float32 on CPU")
     parser.add_argument("--device", help="default: cpu with --tiny, else cuda")

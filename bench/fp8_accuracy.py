@@ -99,7 +99,7 @@ def measure(model: str, num_blocks: int) -> dict[str, tuple[float, float]]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Print the table; returns its rows."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", nargs="+", default=["flux_kontext", "qwen_edit_plus"])
     parser.add_argument("--num_blocks", type=int, default=1)
     args = parser.parse_args(argv)

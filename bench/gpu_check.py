@@ -204,7 +204,9 @@ def default_report() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--budget_s", type=float, default=BUDGET_S, help="seconds for all stages together")
     parser.add_argument("--report", type=Path, default=None, help="markdown report path (default: $OUT/gpu_check.md)")
     args = parser.parse_args(argv)

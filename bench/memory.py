@@ -343,7 +343,7 @@ def _cpu_rows(cases: list[Case], batches: list[int], root: Path, grids: tuple[in
 
 def rows(argv: list[str] | None = None) -> list[dict]:
     """The table as dicts: case, checkpointing, batch, option, gib (peak GiB; inf = out of memory), how."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cases", nargs="+", type=int, default=list(range(len(CASES))), help="indices into CASES")
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 4])

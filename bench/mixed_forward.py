@@ -159,7 +159,7 @@ def _cases(model, stock, mixed, device, dtype) -> dict[str, Callable]:  # noqa: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--scale", type=int, default=2, help="multiply every grid side by this")

@@ -49,7 +49,9 @@ def mean_ratio(sampler: RandomBatchSampler, seeds: int, epochs: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--num_samples", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seeds", type=int, default=5)

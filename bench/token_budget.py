@@ -71,7 +71,9 @@ def bench_model(model_name: str, args: argparse.Namespace, device: torch.device,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="both", choices=[*MODELS, "both"])
     parser.add_argument("--full", action="store_true", help="full-size models (GPU), else the tiny ones")
     parser.add_argument("--device", default="cpu")

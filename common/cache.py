@@ -81,7 +81,7 @@ class FingerprintMismatch(UserError):
         self.differences = differences
         super().__init__(
             f"cache at {cache_dir} was built with other settings ({'; '.join(differences)}); rerun "
-            "precompute_cache.py with the requested settings and --rebuild_cache (CacheWriter: rebuild=True), "
+            "precompute_cache.py with the requested settings and --rebuild_cache, "
             "or point --cache_dir to another directory"
         )
 

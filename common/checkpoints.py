@@ -2,12 +2,18 @@
 
 A checkpoint is written to a hidden temporary folder and renamed once every process has finished writing, so
 `--resume_from_checkpoint latest` never picks a checkpoint cut short by a crash or SIGKILL.
+
+Loading a checkpoint never unpickles: the LoRA is safetensors (the trainer's load hook), the loop's own state (step,
+sampler position, LR schedule) is JSON, and accelerate's optimizer and RNG files are read with `weights_only=True`,
+which reconstructs tensors and plain containers only. Nothing is registered with `register_for_checkpointing`,
+whose `custom_checkpoint_*.pkl` files accelerate loads with `weights_only=False`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -16,8 +22,12 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import gather_object
 
+from common.errors import UserError
+
 _CHECKPOINT_RE = re.compile(r"checkpoint-(\d+)")
 RUN_FILE = "run.json"  # the run record of common.run_guard, also kept in each checkpoint
+STATE_FILE = "training_state.json"  # the loop's own state (step, sampler position, LR schedule)
+PICKLED_STATE = re.compile(r"custom_checkpoint_\d+\.pkl")  # what `register_for_checkpointing` writes
 logger = get_logger(__name__)
 
 
@@ -59,12 +69,14 @@ def save_checkpoint(
     step: int,
     total_limit: int | None,
     run: dict | None = None,
+    state: dict | None = None,
 ) -> Path | None:
     """Save the full training state after `step` (every process calls this); keep at most `total_limit` of them.
 
-    `run` (the run record of `common.run_guard`) is stored in the checkpoint as run.json. A write that fails on any
-    process (disk full, permission: OSError, or torch's RuntimeError from a failed write) leaves the earlier
-    checkpoints as they were, removes the partial one, logs why and returns None, so training goes on.
+    `run` (the run record of `common.run_guard`) is stored in the checkpoint as run.json, `state` (plain values: the
+    loop's position and LR schedule) as training_state.json. A write that fails on any process (disk full,
+    permission: OSError, or torch's RuntimeError from a failed write) leaves the earlier checkpoints as they were,
+    removes the partial one, logs why and returns None, so training goes on.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
@@ -77,6 +89,8 @@ def save_checkpoint(
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process and run is not None:
             (tmp / RUN_FILE).write_text(json.dumps(run, indent=2))
+        if accelerator.is_main_process and state is not None:
+            (tmp / STATE_FILE).write_text(json.dumps(state))
     except (OSError, RuntimeError) as caught:
         error = caught
     errors = [e for e in gather_object([None if error is None else f"{type(error).__name__}: {error}"]) if e]
@@ -104,3 +118,32 @@ def save_checkpoint(
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_loadable(checkpoint: str | os.PathLike) -> None:
+    """UserError for a checkpoint holding pickled objects (`register_for_checkpointing`'s files) or no
+    training_state.json: checked before anything loads."""
+    folder = Path(checkpoint)
+    if pickled := sorted(p.name for p in folder.iterdir() if PICKLED_STATE.fullmatch(p.name)):
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: it holds pickled state ({', '.join(pickled)}), which could run code "
+            "when loaded; this trainer never writes or loads such files (a checkpoint of an earlier version or of "
+            "someone else). Start a new run, or resume one of this version's checkpoints"
+        )
+    if not (folder / STATE_FILE).is_file():
+        raise UserError(f"--resume_from_checkpoint {folder}: no {STATE_FILE}; it is not a checkpoint of this trainer")
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: str | os.PathLike) -> dict:
+    """Restore the LoRA (load hook), optimizer and RNG states of `checkpoint` without unpickling (module doc); returns
+    its training_state.json. UserError for a checkpoint `check_loadable` refuses or a state file holding objects."""
+    folder = Path(checkpoint)
+    check_loadable(folder)
+    try:
+        accelerator.load_state(str(folder), load_kwargs={"weights_only": True})
+    except pickle.UnpicklingError as error:
+        raise UserError(
+            f"--resume_from_checkpoint {folder}: a state file holds objects other than tensors and plain values, so it "
+            f"is not loaded ({' '.join(str(error).split())[:200]})"
+        ) from error
+    return json.loads((folder / STATE_FILE).read_text())

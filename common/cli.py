@@ -1,22 +1,29 @@
 """Command-line flags shared by `precompute_cache.py` and the training scripts, defined once with the same names."""
 
 import argparse
+import json
 import math
 import os
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+from diffusers import DiffusionPipeline
 from diffusers.optimization import SchedulerType
 
 from common.base_weights import add_memory_args, check_memory_args
+from common.cache import FINGERPRINT_FILE
 from common.errors import UserError
 from common.flow_matching import TIMESTEP_SAMPLING
-from common.models import EditModel, get_model
+from common.models import MODELS, EditModel, get_model
 from common.resolution import ResolutionPolicy, parse_resolution, size_for_area
+from common.run_guard import resume_recorded_flags
 from common.sdpa import add_sdpa_args
+from common.trackers import check_wandb_login
 
 CONTROL_RESOLUTIONS = ("target", "pipeline")
+SIZE_CHOICE_FLAGS = ("resolution", "multi_resolutions", "target_area")  # one of them picks the size mode
 SECRET_FLAGS = ("hub_token",)  # never written to files, trackers or logs
 SECRET_OPTIONS = tuple(f"--{flag}" for flag in SECRET_FLAGS)
 
@@ -157,6 +164,28 @@ def check_local_path(flag: str, value: str | None, kind: str = "folder") -> None
         raise UserError(f"--{flag} {value}: no such {kind}")
 
 
+def checkpoint_model(path: str, revision: str | None, accepted: Sequence[EditModel], user: str) -> EditModel:
+    """The model of `accepted` whose pipeline class the checkpoint's model_index.json names (read before any weights
+    load); else a UserError naming the class found, the classes `user` (a script) takes, and what trains it."""
+    check_local_path("pretrained_model_name_or_path", path)
+    try:
+        name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+    except OSError as error:  # no model_index.json there, or the hub cannot be reached
+        raise UserError(f"--pretrained_model_name_or_path {path}: {error}") from error
+    for model in accepted:
+        if model.pipeline_class.__name__ == name:
+            return model
+    expected = " or ".join(dict.fromkeys(model.pipeline_class.__name__ for model in accepted))
+    owner = next((model for model in MODELS.values() if model.pipeline_class.__name__ == name), None)
+    hint = (
+        f"; it is {owner.title}: {owner.script} trains it (precompute_cache.py --model {owner.name})" if owner else ""
+    )
+    raise UserError(
+        f"--pretrained_model_name_or_path {path}: its model_index.json names {name!r}; {user} takes {expected} "
+        f"checkpoints{hint}"
+    )
+
+
 def add_training_args(parser: argparse.ArgumentParser, lora_targets: tuple[str, ...]) -> None:
     """The trainers' shared flags, named as in the diffusers examples; `lora_targets` is the model's default set."""
     out = parser.add_argument_group("output and logging")
@@ -256,17 +285,79 @@ def check_training_args(args: argparse.Namespace, argv: list[str] | None = None)
     ):
         raise UserError("--validation_prompts and --validation_images must have one entry per validation sample")
     check_memory_args(args)
+    if not args.demo:  # the demo logs W&B offline
+        check_wandb_login(args.report_to)
     if args.lora_alpha is None:
         args.lora_alpha = float(args.rank)
 
 
-def parse_training_args(model: EditModel, description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    """A trainer's flags: the shared ones, `model`'s default LoRA targets and its own flags, checked."""
-    parser = argparse.ArgumentParser(description=description)
+def _area_flag(area: int) -> str:
+    """An area as a size flag takes it: "512*512" for a square, else the pixel count."""
+    side = math.isqrt(area)
+    return f"{side}*{side}" if side * side == area else str(area)
+
+
+def cache_size_flags(args: argparse.Namespace, given: set[str]) -> None:
+    """With --cache_dir, set the size flags the user did not give to the cache's own (its fingerprint.json names
+    them by flag): --resolution/--multi_resolutions/--target_area together, the others one by one."""
+    path = Path(args.cache_dir or "") / FINGERPRINT_FILE
+    if not args.cache_dir or not path.is_file():
+        return  # no cache there: opening it says so
+    stored = json.loads(path.read_text())
+    values = {
+        "max_aspect_ratio": stored.get("max_aspect_ratio"),
+        "control_resolution": stored.get("control_resolution"),
+        "max_sequence_length": stored.get("max_sequence_length"),
+    }
+    if not given & set(SIZE_CHOICE_FLAGS):
+        resolution, areas, area = stored.get("resolution"), stored.get("multi_resolutions"), stored.get("target_area")
+        values["resolution"] = f"{resolution[0]}x{resolution[1]}" if resolution else None
+        values["multi_resolutions"] = [_area_flag(a) for a in areas] if areas else None
+        values["target_area"] = _area_flag(area) if area else None
+    for flag, value in values.items():
+        if value is not None and flag not in given and flag in vars(args):  # None: a setting the cache does not use
+            setattr(args, flag, value)
+
+
+def _training_parser(model: EditModel | None, description: str = "") -> argparse.ArgumentParser:
+    """The parser of a trainer's flags: the shared ones, `model`'s default LoRA targets and its own flags (None: the
+    shared ones only, without --help)."""
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=description, add_help=model is not None)
     add_model_args(parser, demo=True)
     add_data_args(parser)
-    add_training_args(parser, model.lora_targets)
-    model.add_args(parser)
-    args = parser.parse_args(argv)
+    add_training_args(parser, model.lora_targets if model else ())
+    if model is not None:
+        model.add_args(parser)
+    return parser
+
+
+def _given_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """Names of the flags `argv` sets explicitly (`parser` is consumed: its defaults are suppressed)."""
+    for action in parser._actions:  # argparse's documented SUPPRESS default: unset flags stay out of the namespace
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0]))
+
+
+def _parse(model: EditModel | None, description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The flags of `argv` (with a model: all of them, else the shared ones, others ignored); those the user does
+    not give come from the record of the run resumed, then (sizes and text length) from the cache at --cache_dir,
+    before the defaults."""
+    parser = _training_parser(model, description)
+    args = parser.parse_args(argv) if model is not None else parser.parse_known_args(argv)[0]
+    given = _given_flags(_training_parser(model, description), argv)
+    given |= set(resume_recorded_flags(args, given))
+    cache_size_flags(args, given)
+    return args
+
+
+def known_training_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The shared trainer flags of `argv` (others ignored) as `parse_training_args` completes them, unchecked: for a
+    script that picks its model from them."""
+    return _parse(None, "", argv)
+
+
+def parse_training_args(model: EditModel, description: str, argv: list[str] | None = None) -> argparse.Namespace:
+    """A trainer's flags (`model`'s included), completed from the run resumed and the cache (`_parse`), checked."""
+    args = _parse(model, description, argv)
     check_training_args(args, argv)
     return args

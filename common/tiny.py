@@ -45,7 +45,7 @@ def write_tiny(model: EditModel | str, out_dir: str | os.PathLike, seed: int = 0
 
 def main(argv: list[str] | None = None) -> None:
     """CLI: write a tiny checkpoint and print where it went."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=list(MODELS))
     parser.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--seed", type=int, default=0)

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from common.base_weights import is_placed_by_hooks, load_transformer, place_base_weights
 from common.batch import NoisyBatch, pack_latents
-from common.checkpoints import checkpoints, save_checkpoint, step_of
-from common.cli import public_config
+from common.checkpoints import checkpoints, load_checkpoint, save_checkpoint, step_of
+from common.cli import checkpoint_model, public_config
 from common.comfyui import save_comfyui_lora
 from common.errors import UserError, configure_logging
 from common.flow_matching import noisy_and_target, sample_generator, sample_sigma
@@ -46,6 +46,7 @@ from common.plots import CURVES_FILE, save_training_curves
 from common.run_guard import METRICS_FILE, run_identity, start_run, write_run
 from common.sampler import LengthGroupedBatchSampler, RandomBatchSampler, TokenBudgetBatchSampler, collate_ragged
 from common.sdpa import sdpa_kernels
+from common.trackers import tracker_init_kwargs
 from common.training_data import TrainingData, open_training_data, real_token_counts
 from common.validation import Validation, validation_rows
 
@@ -67,11 +68,11 @@ class TrainState:
         self.batches_done = 0  # micro-batches of `epoch` already trained on
 
     def state_dict(self) -> dict[str, int]:
-        """Plain values for `accelerator.save_state`."""
+        """Plain values for the checkpoint's training_state.json."""
         return {"step": self.step, "epoch": self.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore from `accelerator.load_state`."""
+        """Restore from a checkpoint's training_state.json."""
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
 
 
@@ -270,8 +271,10 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
         args.hub_model_id = create_hub_repo(args)
     weight_dtype = _weight_dtype(accelerator)
     # Everything the user can get wrong is checked before any weights load or anything is written: the output
-    # folder (another run's results, the checkpoint to resume), then the data (rows validated, or the cache checked).
-    resume, run = start_run(args, run_identity(args, model.name, accelerator.num_processes))
+    # folder (another run's results, the checkpoint to resume), the base checkpoint's pipeline, then the data (rows
+    # validated, or the cache checked).
+    resume, run = start_run(args, run_identity(args, model.name, accelerator.num_processes), public_config(args))
+    checkpoint_model(args.pretrained_model_name_or_path, args.revision, [model], model.script)
     data = open_training_data(args, model, accelerator.device, weight_dtype)
     sampler = _sampler(args, model, data, accelerator)  # a --max_tokens_per_batch below a sample's tokens fails here
     if args.validation_steps:
@@ -331,15 +334,16 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
         transformer, optimizer, device_placement=[not is_placed_by_hooks(args), True]
     )
     state = TrainState()
-    accelerator.register_for_checkpointing(lr_scheduler, state)
     _register_lora_hooks(accelerator, model, output_dir / METRICS_FILE)
     if resume is not None:
-        accelerator.load_state(str(resume))
+        saved = load_checkpoint(accelerator, resume)
+        state.load_state_dict(saved["train"])
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
         logger.info(f"resumed from {resume} at step {step_of(resume)}/{args.max_train_steps}", main_process_only=True)
     if accelerator.is_main_process and accelerator.log_with:
         # Trackers take scalars; lists (target modules, resolutions) are logged as their text.
         config = {k: str(v) if isinstance(v, list | tuple) else v for k, v in public_config(args).items()}
-        accelerator.init_trackers(args.tracker_project_name, config=config)
+        accelerator.init_trackers(args.tracker_project_name, config=config, init_kwargs=tracker_init_kwargs(output_dir))
 
     metrics = _Metrics(accelerator, args, state.step)
     batches = micro_batches(loader, state)
@@ -371,7 +375,8 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
                 validation.save(images, state.step, accelerator)
             accelerator.wait_for_everyone()
         if state.step % args.checkpointing_steps == 0 or state.step == args.max_train_steps:
-            save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit, run)
+            loop_state = {"train": state.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}
+            save_checkpoint(accelerator, output_dir, state.step, args.checkpoints_total_limit, run, loop_state)
 
     metrics.bar.close()
     accelerator.wait_for_everyone()

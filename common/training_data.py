@@ -157,7 +157,7 @@ def row_hashes(rows: Sequence[EditRow]) -> list[str | None]:
 def precompute_command(args: argparse.Namespace, model: EditModel | str) -> str:
     """The precompute_cache.py command line that builds the cache these flags ask for."""
     model = get_model(model)
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     add_data_args(parser)
     defaults = vars(parser.parse_args([]))
     words = ["accelerate", "launch", "precompute_cache.py", "--model", model.name]

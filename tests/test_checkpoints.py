@@ -1,10 +1,13 @@
 """common.checkpoints: atomic checkpoint folders, rotation and what --resume_from_checkpoint resolves to."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from accelerate import Accelerator
 
-from common.checkpoints import checkpoints, resolve_resume, save_checkpoint, step_of
+from common.checkpoints import check_loadable, checkpoints, load_checkpoint, resolve_resume, save_checkpoint, step_of
+from common.errors import UserError
 
 
 def test_only_finished_checkpoints_count(tmp_path):
@@ -31,18 +34,63 @@ class Counter:
         self.value = state["value"]
 
 
-def test_save_rotates_and_restores_registered_state(tmp_path):
+class Payload:
+    """Unpickling this creates `marker`: the proof that a file was unpickled with code execution allowed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def adam_run(tmp_path, steps=(1, 2, 3)):
+    """An accelerator, an AdamW with real moments, and checkpoints after each step, the loop state as JSON."""
     accelerator = Accelerator(cpu=True)
-    counter = Counter()
-    optimizer = accelerator.prepare(torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1))
-    accelerator.register_for_checkpointing(counter)
-    for step in (1, 2, 3):
-        counter.value = step
-        save_checkpoint(accelerator, tmp_path, step, total_limit=2)
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = accelerator.prepare(torch.optim.AdamW([param], lr=0.1))
+    for step in steps:
+        param.grad = torch.full((2,), float(step))
+        optimizer.step()
+        save_checkpoint(accelerator, tmp_path, step, total_limit=2, state={"step": step, "lr": [0.1 / 3]})
+    return accelerator, optimizer
+
+
+def test_save_rotates_and_restores_the_state_without_pickles(tmp_path):
+    accelerator, optimizer = adam_run(tmp_path)
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert not list(tmp_path.glob(".checkpoint-*"))
-    accelerator.load_state(str(tmp_path / "checkpoint-2"))
-    assert counter.value == 2 and optimizer is not None
+    saved = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+    assert not list(tmp_path.glob("checkpoint-*/custom_checkpoint_*"))
+    assert load_checkpoint(accelerator, tmp_path / "checkpoint-2") == {"step": 2, "lr": [0.1 / 3]}
+    restored = optimizer.state_dict()["state"][0]
+    assert restored["step"] == 2 and not torch.equal(restored["exp_avg"], saved["exp_avg"])
+    load_checkpoint(accelerator, tmp_path / "checkpoint-3")
+    assert all(torch.equal(optimizer.state_dict()["state"][0][k], v) for k, v in saved.items())
+
+
+def test_a_planted_pickle_payload_is_never_executed(tmp_path):
+    """A checkpoint from elsewhere is data: a payload in accelerate's optimizer or RNG file is not unpickled (one
+    error line for the optimizer, the RNG state is skipped), and `register_for_checkpointing`'s pickled custom
+    states are refused before anything loads."""
+    accelerator, _ = adam_run(tmp_path, steps=(1,))
+    marker = tmp_path / "payload-ran"
+    checkpoint = tmp_path / "checkpoint-1"
+    torch.save(Payload(marker), checkpoint / "random_states_0.pkl")
+    assert load_checkpoint(accelerator, checkpoint) == {"step": 1, "lr": [0.1 / 3]}
+    torch.save({"state": Payload(marker)}, checkpoint / "optimizer.bin")
+    with pytest.raises(UserError, match="optimizer|objects other than tensors"):
+        load_checkpoint(accelerator, checkpoint)
+    torch.save(Payload(marker), checkpoint / "custom_checkpoint_0.pkl")
+    with pytest.raises(UserError, match=r"pickled state \(custom_checkpoint_0.pkl\)"):
+        check_loadable(checkpoint)
+    with pytest.raises(UserError, match="custom_checkpoint_0.pkl"):
+        load_checkpoint(accelerator, checkpoint)
+    (checkpoint / "custom_checkpoint_0.pkl").unlink()
+    (checkpoint / "training_state.json").unlink()
+    with pytest.raises(UserError, match="no training_state.json"):
+        check_loadable(checkpoint)
+    assert not marker.exists()
 
 
 def test_a_failed_write_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path, monkeypatch, caplog):

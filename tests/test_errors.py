@@ -8,8 +8,10 @@ not inferred; the first case shows the hook does see the model files of a run th
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 import trainer_harness as h
 
 from common.errors import UserError
@@ -28,9 +30,10 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def audited_run(checkpoint, argv, script="train_flux_kontext.py"):
-    """(exit status, stderr lines) of a script with the audit hook on `checkpoint`."""
-    env = {**h.ENV, "PYTHONPATH": str(h.ROOT), "MODEL_DIR": str(checkpoint)}
+def audited_run(checkpoint, argv, script="train_flux_kontext.py", env=None):
+    """(exit status, stderr lines) of a script with the audit hook on `checkpoint` (`env`: the environment, default
+    the harness's)."""
+    env = {**(h.ENV if env is None else env), "PYTHONPATH": str(h.ROOT), "MODEL_DIR": str(checkpoint)}
     script = str(h.ROOT / script)
     result = subprocess.run(
         [sys.executable, "-c", AUDITED, script, *argv], cwd=h.ROOT, env=env, capture_output=True, text=True
@@ -43,9 +46,11 @@ def snapshot(folder):
 
 
 def user_error_lines(lines):
-    """The output of a refused run: exactly one error line, no traceback, no model file opened."""
+    """The output of a refused run: exactly one error line, no traceback, no model file opened (model_index.json,
+    which names the checkpoint's pipeline, is read to check it is the script's model)."""
     assert not any("Traceback" in line for line in lines), "\n".join(lines)
-    assert not [line for line in lines if line.startswith("AUDIT-OPEN")], "a model file was opened"
+    opened = [line for line in lines if line.startswith("AUDIT-OPEN") and not line.endswith("/model_index.json")]
+    assert not opened, f"a model file was opened: {opened}"
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1, "\n".join(lines)
     return errors[0]
@@ -59,16 +64,32 @@ def setup(tmp_path_factory, tiny_checkpoint):
     return root, checkpoint, flags
 
 
+class Payload:
+    """Unpickling this creates `marker`: the proof that a file was unpickled with code execution allowed."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def test_used_output_dir_is_refused_untouched_and_latest_resumes_the_same_run(setup):
+    """Also: W&B (offline) writes under --output_dir; checkpoints hold no pickled object; a resume needs only the
+    folder (the run's flags come from its record) and unpickles nothing planted in the checkpoint."""
     root, checkpoint, flags = setup
     out = root / "out"
     argv = [*flags, *h.train_flags(out, "--max_train_steps", "2", "--checkpointing_steps", "1")]
-    status, lines = audited_run(checkpoint, argv)
+    status, lines = audited_run(checkpoint, [*argv, "--report_to", "wandb"])
     assert status == 0, "\n".join(lines[-30:])
     assert any(line.startswith("AUDIT-OPEN") for line in lines), "the hook must see the model files being read"
     info = [line for line in lines if line.startswith("INFO ")]
     for expected in ("configuration: flux_kontext", "rows used", "expected padding ratio", "LoRA weights written"):
         assert any(expected in line for line in info), (expected, info)
+    assert list((out / "wandb").glob("offline-run-*")), "W&B's files belong under --output_dir"
+    files = {p.name for p in (out / "checkpoint-2").iterdir()}
+    assert {"run.json", "training_state.json", "optimizer.bin", "pytorch_lora_weights.safetensors"} <= files
+    assert not [name for name in files if name.startswith("custom_checkpoint")], files
 
     before = snapshot(out)
     assert {"checkpoint-1", "checkpoint-2", "run.json", "metrics.jsonl"} <= {p.parts[0] for p in before}
@@ -78,12 +99,18 @@ def test_used_output_dir_is_refused_untouched_and_latest_resumes_the_same_run(se
     assert "already holds the results of another run" in error and "--resume_from_checkpoint latest" in error
     assert snapshot(out) == before  # byte-identical
 
-    resumed = [*flags, *h.train_flags(out, "--max_train_steps", "3", "--checkpointing_steps", "1"), "--quiet"]
+    marker = root / "payload-ran"
+    for name in ("random_states_0.pkl", "pytorch_model.bin", "scheduler.bin"):
+        torch.save(Payload(marker), out / "checkpoint-2" / name)
+    resumed = ["--output_dir", str(out), "--max_train_steps", "3", "--report_to", "none", "--quiet"]
     status, lines = audited_run(checkpoint, [*resumed, "--resume_from_checkpoint", "latest"])
     assert status == 0, "\n".join(lines[-30:])
     assert not [line for line in lines if line.startswith("INFO ")]
+    assert not marker.exists()
     assert [r["step"] for r in h.metrics(out)] == [1, 2, 3]
     assert json.loads((out / "checkpoint-3" / "run.json").read_text()) == json.loads((out / "run.json").read_text())
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["rank"] == 4 and config["lora_alpha"] == 6 and config["multi_resolutions"] == h.RESOLUTIONS
 
 
 @pytest.mark.parametrize(
@@ -144,3 +171,34 @@ def test_precompute_refuses_rows_the_model_cannot_take_before_encoding_and_fails
     status, lines = audited_run(checkpoint, [*argv, "--skip_bad_samples"], "precompute_cache.py")
     assert status == 2, "\n".join(lines[-20:])
     assert "no usable rows (4 rows, 4 skipped; first: bad sample '000'" in user_error_lines(lines)
+
+
+def test_a_checkpoint_of_another_model_is_one_line_before_anything_loads(setup, tiny_checkpoint):
+    """The checkpoint's model_index.json names its pipeline; a script given another model's says which script
+    trains it (other scripts and precompute_cache.py, in the process: tests/test_cli.py)."""
+    root, _, _ = setup
+    checkpoint = tiny_checkpoint("qwen_edit_plus")
+    argv = ["--pretrained_model_name_or_path", str(checkpoint), "--dataset", str(root / "data")]
+    argv += ["--cache_dir", str(root / "never"), "--output_dir", str(root / "never"), "--report_to", "none"]
+    status, lines = audited_run(checkpoint, argv, "train_qwen_edit.py")
+    assert status == 2
+    assert (
+        "names 'QwenImageEditPlusPipeline'; train_qwen_edit.py takes QwenImageEditPipeline checkpoints; it is "
+        "Qwen-Image-Edit-Plus: train_qwen_edit_plus.py trains it (precompute_cache.py --model qwen_edit_plus)"
+    ) in user_error_lines(lines)
+    assert not (root / "never").exists()
+
+
+def test_wandb_without_login_is_one_line_before_anything_loads(setup, tmp_path):
+    """--report_to wandb (the default) with no API key anywhere (empty HOME: no netrc, no W&B settings) and no
+    WANDB_MODE: one line with the ways out, before anything is loaded or written, so the same command reruns."""
+    root, checkpoint, flags = setup
+    env = {k: v for k, v in h.ENV.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env["HOME"] = str(tmp_path)
+    argv = [*flags, "--output_dir", str(root / "never"), "--max_train_steps", "1"]
+    status, lines = audited_run(checkpoint, argv, env=env)
+    assert status == 2
+    error = user_error_lines(lines)
+    for way_out in ("wandb login", "WANDB_MODE=offline", "--report_to none"):
+        assert way_out in error, error
+    assert not (root / "never").exists() and not list(tmp_path.iterdir())
