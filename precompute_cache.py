@@ -88,6 +88,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"{everyone.skipped[0][1]}; --skip_bad_samples skips bad rows and lists them")
     if not done:
         everyone.require_rows(f"dataset {args.dataset}")
+    everyone.log_composited()
     bad = dict(report.skipped)
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     encoders = load_encoders(
