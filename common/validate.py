@@ -73,8 +73,8 @@ class DataReport:
             return
         logger.info(
             f"{where}: {self.rows} rows, {self.used} rows used, {len(self.skipped)} skipped, "
-            f"{len(self.without_control)} without control image, {len(self.cropped)} cropped by more than "
-            f"{CROP_REPORT_SHARE:.0%} of an image"
+            f"{len(self.without_control)} without control image{_named(self.without_control, ' ({})')}, "
+            f"{len(self.cropped)} cropped by more than {CROP_REPORT_SHARE:.0%} of an image"
         )
         for sample_id, reason in self.skipped:
             logger.warning(f"skipped {sample_id}: {reason}")
@@ -102,6 +102,28 @@ class DataReport:
         if self.used < 1:
             first = f"; first: {self.skipped[0][1]}" if self.skipped else ""
             raise UserError(f"{where}: no usable rows ({self.rows} rows, {len(self.skipped)} skipped{first})")
+
+
+def _named(sample_ids: list[str], template: str = "{}") -> str:
+    """The first `_LISTED` ids, comma-separated, "and N more" after them, put into `template`; "" for none."""
+    if not sample_ids:
+        return ""
+    more = f" and {len(sample_ids) - _LISTED} more" if len(sample_ids) > _LISTED else ""
+    return template.format(", ".join(sample_ids[:_LISTED]) + more)
+
+
+def check_target_only(rows: list[EditRow], allow_target_only: bool, where: str) -> None:
+    """UserError naming the rows without a control image when other rows have one (a forgotten stem_control.png
+    would otherwise train on its target alone, unseen), unless --allow_target_only says they are meant so.
+    Listing is enough: nothing is decoded. A data set with no control image at all (text-to-image) passes."""
+    missing = [row.sample_id for row in rows if not row.controls]
+    if allow_target_only or not missing or len(missing) == len(rows):
+        return
+    raise UserError(
+        f"{where}: {len(missing)} of {len(rows)} rows have no control image while the others have one: "
+        f"{_named(missing)}; add their control images (folder layout: stem_control.png), or pass "
+        "--allow_target_only to train them on their target alone"
+    )
 
 
 def _img_shapes(sample: PreparedSample) -> list[list[int]]:

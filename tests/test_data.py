@@ -681,3 +681,26 @@ def test_transparent_pixels_are_composited_over_white_and_the_rows_named(tmp_pat
     _, report = validate_rows(rows, "flux_kontext", get_model("flux_kontext").policy(target_area=32 * 32),
                               skip_bad_samples=False)  # fmt: skip
     assert report.composited == ["t (image)", "c (control_0)"]
+
+
+def test_rows_without_control_among_rows_with_one_are_refused_unless_allowed(tmp_path):
+    """JSONL/CSV rows with an empty control cell among rows with one: refused naming them (file:line), unless
+    --allow_target_only; a data set without any control image (text-to-image pairs) is fine as it is."""
+    from common.validate import check_target_only
+
+    for k in range(3):
+        _image(32, 32, k).save(tmp_path / f"{k}.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        '{"image": "0.png", "control": "1.png", "prompt": "a"}\n{"image": "1.png", "control": "", "prompt": "b"}\n'
+        '{"image": "2.png", "control": [], "prompt": "c"}\n{"image": "2.png", "control": ["0.png"], "prompt": "d"}\n'
+    )
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_text("image,control,prompt\n0.png,1.png,a\n1.png,,b\n")
+    with pytest.raises(UserError, match=r"m.jsonl: 2 of 4 rows have no control image .*: m.jsonl:2, m.jsonl:3;"):
+        check_target_only(read_rows(manifest), False, "m.jsonl")
+    with pytest.raises(UserError, match=r"1 of 2 rows .*: m.csv:3; .*--allow_target_only"):
+        check_target_only(read_rows(csv_file), False, "m.csv")
+    check_target_only(read_rows(manifest), True, "m.jsonl")
+    manifest.write_text('{"image": "0.png", "prompt": "a"}\n{"image": "1.png", "control": null, "prompt": "b"}\n')
+    check_target_only(read_rows(manifest), False, "m.jsonl")
