@@ -21,7 +21,7 @@ from common.encoders import load_encoders
 from common.errors import UserError, configure_logging, run_script
 from common.models import MODELS, get_model
 from common.training_data import cache_report, cache_row, data_fingerprint, row_hashes, text_length
-from common.validate import DataReport, validate_rows
+from common.validate import DataReport, check_target_only, validate_rows
 
 EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 logger = get_logger(__name__)
@@ -68,6 +68,7 @@ def main(args: argparse.Namespace) -> None:
         caption_column=args.caption_column,
         mask_column=args.mask_column,
     )
+    check_target_only(rows, args.allow_target_only, f"dataset {args.dataset}")
     settings = data_fingerprint(args, model, encoder_dtype=args.mixed_precision)
     # Process 0 clears an old cache on --rebuild_cache before the others open theirs.
     with accelerator.main_process_first():
@@ -91,6 +92,7 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"{everyone.skipped[0][1]}; --skip_bad_samples skips bad rows and lists them")
     if not done:
         everyone.require_rows(f"dataset {args.dataset}")
+    everyone.log_composited()
     bad = dict(report.skipped)
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
     encoders = load_encoders(

@@ -44,6 +44,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--mask_column", default=None)
     data.add_argument("--cache_dir", default=None, help="Arrow cache written by precompute_cache.py")
     data.add_argument("--skip_bad_samples", action="store_true", help="skip unreadable rows and report them")
+    data.add_argument(
+        "--allow_target_only",
+        action="store_true",
+        help="train rows without a control image alongside rows with one (refused otherwise, naming the rows: a "
+        "forgotten control file would train silently on the target alone)",
+    )
     size = parser.add_argument_group("resolution (priority: --resolution > --multi_resolutions > --target_area)")
     size.add_argument("--resolution", default=None, help="fixed size WxH for every image, e.g. 1024x768")
     size.add_argument("--multi_resolutions", nargs="+", default=None, help="candidate areas, e.g. 512*512 768*768")

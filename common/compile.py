@@ -10,9 +10,12 @@ after attention).
 """
 
 import torch
+from accelerate.logging import get_logger
 from torch import nn
 
 from common.attention import base_model
+
+logger = get_logger(__name__)
 
 
 def compile_blocks(transformer: nn.Module) -> None:
@@ -33,3 +36,26 @@ def compile_blocks(transformer: nn.Module) -> None:
 def compiled_frames() -> int:
     """Frames TorchDynamo has compiled in this process so far (first compiles and recompiles)."""
     return torch._dynamo.utils.counters["frames"]["ok"]
+
+
+class CompileWatch:
+    """Logs the training steps during which TorchDynamo compiled, with their time: the first steps and each new
+    batch layout compile (minutes on CPU, against seconds per eager step), and users should see where time went."""
+
+    def __init__(self) -> None:
+        """Start counting from the frames compiled so far."""
+        self.frames = compiled_frames()
+        self.seconds = 0.0
+
+    def after_step(self, step: int, seconds: float) -> None:
+        """Log step `step` (which took `seconds`) if it compiled new graphs."""
+        frames = compiled_frames()
+        if frames > self.frames:
+            self.seconds += seconds
+            logger.info(
+                f"--compile: step {step} compiled {frames - self.frames} new graph(s) and took {seconds:.1f} s "
+                f"({self.seconds:.1f} s in compiling steps so far); steps with layouts compiled before reuse the "
+                "graphs",
+                main_process_only=True,
+            )
+            self.frames = frames

@@ -105,6 +105,7 @@ class PreparedSample:
     mask: torch.Tensor | None  # (H/16, W/16) float32 in [0, 1]: edit-mask share of each target token
     sources: dict[str, str]
     crops: dict[str, float] = field(default_factory=dict)  # {"image", "control_k"}: share of the area cropped away
+    composited: list[str] = field(default_factory=list)  # "image", "control_k": transparency put over BACKGROUND
 
     @property
     def cropped(self) -> float:
@@ -579,8 +580,12 @@ def _open(source: ImageSource, row: EditRow, what: str) -> PIL.Image.Image:
         raise _bad(row, what, f"cannot read image: {error}") from error
 
 
-# Modes whose PIL conversion to RGB is right as it is (checked against reference conversions in the tests); the
-# alpha of LA/PA/RGBA is dropped, as diffusers' `load_image` does for the pipelines at inference.
+# Transparent pixels of targets and controls are composited over this colour (white, what image editors and most
+# pipelines' users assume), so training never sees the colours hidden under them, which PIL's `convert("RGB")`
+# (and diffusers' `load_image`) keep by dropping the alpha.
+BACKGROUND = (255, 255, 255)
+# Modes whose PIL conversion to RGB is right as it is (checked against reference conversions in the tests); images
+# with transparency are composited over BACKGROUND first (`load_rgb`).
 _PIL_RGB_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr", "LAB", "HSV")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
@@ -617,9 +622,27 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image | str:
     return f"image mode {mode!r} is not supported: save it as 8 or 16 bit RGB or grayscale"
 
 
-def load_rgb(source: ImageSource, *, row: EditRow, what: str) -> PIL.Image.Image:
-    """RGB, EXIF-transposed image of row.sources[what]; raises BadSampleError naming the row and file."""
+def _over_background(image: PIL.Image.Image) -> PIL.Image.Image | None:
+    """The image composited over BACKGROUND if it has any transparent pixel (alpha channel or a palette/colour
+    key), else None."""
+    if not (image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info):
+        return None
+    rgba = (image.convert("LA") if image.mode == "La" else image).convert("RGBA")  # PIL has no La -> RGBA
+    if rgba.getextrema()[3][0] == 255:  # an alpha channel that is opaque everywhere changes nothing
+        return None
+    return PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+
+
+def load_rgb(
+    source: ImageSource, *, row: EditRow, what: str, composited: list[str] | None = None
+) -> PIL.Image.Image:
+    """RGB, EXIF-transposed image of row.sources[what], transparent pixels over BACKGROUND (then `what` is appended
+    to `composited`); raises BadSampleError naming the row and file."""
     image = _open(source, row, what)
+    if (flat := _over_background(image)) is not None:
+        image = flat
+        if composited is not None:
+            composited.append(what)
     converted = to_rgb(image)
     if isinstance(converted, str):
         raise _bad(row, what, converted)
@@ -686,14 +709,15 @@ def prepare_sample(row: EditRow, model: EditModel | str, policy: ResolutionPolic
     if reason := model.too_many_references(len(row.controls)):
         raise _bad(row, f"control_{model.max_references}", reason)
 
-    target_image = load_rgb(row.target, row=row, what="image")
+    composited: list[str] = []
+    target_image = load_rgb(row.target, row=row, what="image", composited=composited)
     plan = policy.plan(*target_image.size)
     target, _ = _vae_input(target_image, plan)
     crops = {"image": _cropped_share(target_image.size, plan)}
 
     controls, condition_images = [], []
     for k, source in enumerate(row.controls):
-        image = load_rgb(source, row=row, what=f"control_{k}")
+        image = load_rgb(source, row=row, what=f"control_{k}", composited=composited)
         control_plan = policy.control_plan(*image.size)
         crops[f"control_{k}"] = _cropped_share(image.size, control_plan)
         tensor, resized = _vae_input(image, control_plan)
@@ -715,6 +739,7 @@ def prepare_sample(row: EditRow, model: EditModel | str, policy: ResolutionPolic
         mask=mask,
         sources=dict(row.sources),
         crops={what: share for what, share in crops.items() if share > 0},
+        composited=composited,
     )
 
 

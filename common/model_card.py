@@ -61,13 +61,18 @@ SUMMARY_FLAGS = (
 )
 
 
+def _snapshot_repo(path: Path) -> str | None:
+    """The Hub repository of a Hub-cache snapshot folder (".../models--org--name/snapshots/<rev>"), else None."""
+    snapshot = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path.resolve().as_posix() + "/")
+    return f"{snapshot[1]}/{snapshot[2]}" if snapshot else None
+
+
 def base_model_id(pretrained: str, official: str) -> str:
     """The Hub id trained on: the name given, the repository of a Hub-cache snapshot folder, else the official one."""
     path = Path(pretrained)
     if not path.exists():
         return pretrained
-    snapshot = re.search(r"models--([^/]+)--([^/]+)/snapshots/", path.resolve().as_posix() + "/")
-    return f"{snapshot[1]}/{snapshot[2]}" if snapshot else official
+    return _snapshot_repo(path) or official
 
 
 def latest_validation(output_dir: str | os.PathLike) -> tuple[int, list[Path]] | None:
@@ -111,7 +116,7 @@ def snippet(pipeline_class: str, base_model: str, lora: str, prompt: str) -> str
 from diffusers import {pipeline_class}
 from diffusers.utils import load_image
 
-pipe = {pipeline_class}.from_pretrained({base_model!r}, torch_dtype=torch.bfloat16)
+pipe = {pipeline_class}.from_pretrained({base_model!r}, dtype=torch.bfloat16)
 pipe.load_lora_weights({lora!r})
 pipe.to("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -168,15 +173,24 @@ def model_card(
     example = prompts[0] if prompts else next((c for c in data.captions or [] if c), "describe the edit")
     title = repo_id or output_dir.name
     global_batch = args.train_batch_size * num_processes * args.gradient_accumulation_steps
+    pretrained = str(args.pretrained_model_name_or_path)
+    local = Path(pretrained).exists() and _snapshot_repo(Path(pretrained)) is None  # a folder not from the Hub
+    trained_on = f"the local checkpoint `{pretrained}`" if local else f"[{base}](https://huggingface.co/{base})"
     lines = [
         MARKER,
         f"# {title}",
         "",
-        f"A LoRA for [{base}](https://huggingface.co/{base}) (`{pipeline}`), trained on "
-        f"{len(data.img_shapes)} edit pairs at their own resolutions, mixed in each batch.",
+        f"A LoRA for {trained_on} (`{pipeline}`), trained on {len(data.img_shapes)} edit pairs at their own "
+        "resolutions, mixed in each batch.",
     ]
-    if base != str(args.pretrained_model_name_or_path):
-        lines += ["", f"Trained from the local checkpoint `{args.pretrained_model_name_or_path}`."]
+    if local:  # the Hub metadata needs a Hub id: the official model of this pipeline stands in for the folder
+        lines += [
+            "",
+            f"The metadata and the snippet below name [{base}](https://huggingface.co/{base}), the official "
+            f"`{pipeline}` model; load `{pretrained}` instead if that folder holds other weights.",
+        ]
+    elif base != pretrained:
+        lines += ["", f"Trained from the Hub-cache snapshot `{pretrained}`."]
     lines += [
         "",
         "## Use it",

@@ -42,6 +42,7 @@ def smoothed(values: list[float], weight: float = SMOOTHING) -> list[float]:
 def curves_figure(records: list[dict]) -> Figure:
     """One panel per entry of PANELS, steps on a shared x axis (no pyplot: no backend or global state)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     steps = [r["step"] for r in records]
     series = {key: [r[key] for r in records] for key in ("loss", "lr", "padding_ratio", "tokens_per_second")}
@@ -57,6 +58,11 @@ def curves_figure(records: list[dict]) -> Figure:
         axis.grid(alpha=0.3)
         if len(keys) > 1:
             axis.legend(loc="upper right")
+        if keys == ("lr",):
+            # Plain decimals of small rates ("−0.000025") ran past the figure's left edge: "%g" keeps them short
+            # (2.5e-05, 0.0001), and a rate is never negative.
+            axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.set_ylim(bottom=0)
     axes[-1].set_xlabel("step")
     return figure
 

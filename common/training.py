@@ -250,11 +250,23 @@ def _summary(args: argparse.Namespace, model: EditModel, accelerator: Accelerato
     """One line with the settings a user checks first (the full set is in output_dir/training_config.json)."""
     global_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     data = f"cache {args.cache_dir}" if args.cache_dir else f"dataset {args.dataset} (encoded on the fly)"
+    steps = f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes"
+    if args.max_tokens_per_batch:
+        batch = f"up to {args.max_tokens_per_batch} real tokens per micro-batch and process (samples per step vary; "
+    else:
+        batch = f"{global_batch} samples ({args.train_batch_size} x "
+    training_dtype = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    base = {"auto": training_dtype, "fp8": "fp8 (e4m3, per-row scales)"}
+    compiled = (
+        "--compile: the first steps and each new batch layout compile first" if args.compile else "eager (no --compile)"
+    )
     return (
-        f"{model.name} from {args.pretrained_model_name_or_path}; {data}; {args.max_train_steps} steps of "
-        f"{global_batch} samples ({args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x "
-        f"{accelerator.num_processes} processes); lr {args.learning_rate:g} ({args.lr_scheduler}); LoRA rank "
-        f"{args.rank}, alpha {args.lora_alpha:g}; precision {accelerator.mixed_precision}; output {args.output_dir}"
+        f"{model.name} from {args.pretrained_model_name_or_path}; {data}; {args.max_train_steps} steps of {batch}"
+        f"{steps}); lr {args.learning_rate:g} ({args.lr_scheduler}); LoRA rank {args.rank}, alpha "
+        f"{args.lora_alpha:g}; precision {accelerator.mixed_precision}; base weights "
+        f"{base.get(args.base_precision, f'{args.base_precision} (bitsandbytes)')}; "
+        f"{'blocks offloaded to CPU memory' if args.offload_blocks else 'no block offloading'}; "
+        f"{compiled}; output {args.output_dir}"
     )
 
 
@@ -299,10 +311,12 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
     if args.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train()
+    compile_watch = None
     if args.compile:
-        from common.compile import compile_blocks
+        from common.compile import CompileWatch, compile_blocks
 
         compile_blocks(transformer)
+        compile_watch = CompileWatch()
 
     # Optimizer and schedule count optimizer steps (the scheduler is not wrapped, so it steps once per step).
     optimizer = _optimizer(args, params)
@@ -357,6 +371,8 @@ def train(args: argparse.Namespace, model: EditModel) -> Path:
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         elapsed = time.perf_counter() - started
+        if compile_watch is not None:
+            compile_watch.after_step(state.step, elapsed)
         metrics.log(
             state.step,
             {

@@ -47,7 +47,7 @@ from common.encoders import Encoders, encode_row, load_encoders
 from common.errors import UserError
 from common.models import EditModel, get_model
 from common.resolution import ResolutionPolicy
-from common.validate import CROP_REPORT_SHARE, DataReport, validate_rows
+from common.validate import CROP_REPORT_SHARE, DataReport, check_target_only, validate_rows
 
 # Fingerprint settings left out at these values (added after caches existed; see `common.cache.load_cache`).
 FINGERPRINT_DEFAULTS = {"control_resolution": "target"}
@@ -91,14 +91,16 @@ def cache_row(encoders: Encoders, sample: PreparedSample) -> dict:
 
 
 def _read(args: argparse.Namespace) -> list[EditRow]:
-    """Rows of --dataset, with the column flags."""
-    return read_rows(
+    """Rows of --dataset, with the column flags; rows without control among rows with one need --allow_target_only."""
+    rows = read_rows(
         args.dataset,
         image_column=args.image_column,
         control_column=args.control_column,
         caption_column=args.caption_column,
         mask_column=args.mask_column,
     )
+    check_target_only(rows, args.allow_target_only, f"dataset {args.dataset}")
+    return rows
 
 
 def text_length(args: argparse.Namespace, model: EditModel) -> int | None:

@@ -34,6 +34,7 @@ class CheckedRow:
     row: EditRow
     img_shapes: list[list[int]]  # packed token grids [1, h, w] of its target and controls, as its encoded row's
     cropped: float  # largest share of one of its images removed by the crop
+    composited: list[str] = field(default_factory=list)  # its images with transparency put over the background
 
     @property
     def tokens(self) -> int:
@@ -49,6 +50,7 @@ class DataReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample_id, reason)
     without_control: list[str] = field(default_factory=list)
     cropped: list[tuple[str, float]] = field(default_factory=list)  # (sample_id, share) above CROP_REPORT_SHARE
+    composited: list[str] = field(default_factory=list)  # "sample_id (image)" of images with transparent pixels
 
     @property
     def used(self) -> int:
@@ -62,6 +64,7 @@ class DataReport:
             self.skipped + other.skipped,
             self.without_control + other.without_control,
             self.cropped + other.cropped,
+            self.composited + other.composited,
         )
 
     def log(self, where: str) -> None:
@@ -70,11 +73,12 @@ class DataReport:
             return
         logger.info(
             f"{where}: {self.rows} rows, {self.used} rows used, {len(self.skipped)} skipped, "
-            f"{len(self.without_control)} without control image, {len(self.cropped)} cropped by more than "
-            f"{CROP_REPORT_SHARE:.0%} of an image"
+            f"{len(self.without_control)} without control image{_named(self.without_control, ' ({})')}, "
+            f"{len(self.cropped)} cropped by more than {CROP_REPORT_SHARE:.0%} of an image"
         )
         for sample_id, reason in self.skipped:
             logger.warning(f"skipped {sample_id}: {reason}")
+        self.log_composited()
         if self.cropped:
             named = ", ".join(f"{s} ({share:.0%})" for s, share in sorted(self.cropped)[:_LISTED])
             more = f" and {len(self.cropped) - _LISTED} more" if len(self.cropped) > _LISTED else ""
@@ -83,11 +87,43 @@ class DataReport:
                 f"(--max_aspect_ratio or --resolution): {named}{more}"
             )
 
+    def log_composited(self) -> None:
+        """One WARNING naming the images whose transparent pixels were composited over white (main process)."""
+        if self.composited and PartialState().is_main_process:
+            named = ", ".join(self.composited[:_LISTED])
+            more = f" and {len(self.composited) - _LISTED} more" if len(self.composited) > _LISTED else ""
+            logger.warning(
+                f"{len(self.composited)} image(s) have transparent pixels, trained as composited over white (your "
+                f"files are unchanged; composite them over white at inference too): {named}{more}"
+            )
+
     def require_rows(self, where: str) -> None:
         """UserError when no row is usable (an empty data set is a failure, not a success with 0 rows)."""
         if self.used < 1:
             first = f"; first: {self.skipped[0][1]}" if self.skipped else ""
             raise UserError(f"{where}: no usable rows ({self.rows} rows, {len(self.skipped)} skipped{first})")
+
+
+def _named(sample_ids: list[str], template: str = "{}") -> str:
+    """The first `_LISTED` ids, comma-separated, "and N more" after them, put into `template`; "" for none."""
+    if not sample_ids:
+        return ""
+    more = f" and {len(sample_ids) - _LISTED} more" if len(sample_ids) > _LISTED else ""
+    return template.format(", ".join(sample_ids[:_LISTED]) + more)
+
+
+def check_target_only(rows: list[EditRow], allow_target_only: bool, where: str) -> None:
+    """UserError naming the rows without a control image when other rows have one (a forgotten stem_control.png
+    would otherwise train on its target alone, unseen), unless --allow_target_only says they are meant so.
+    Listing is enough: nothing is decoded. A data set with no control image at all (text-to-image) passes."""
+    missing = [row.sample_id for row in rows if not row.controls]
+    if allow_target_only or not missing or len(missing) == len(rows):
+        return
+    raise UserError(
+        f"{where}: {len(missing)} of {len(rows)} rows have no control image while the others have one: "
+        f"{_named(missing)}; add their control images (folder layout: stem_control.png), or pass "
+        "--allow_target_only to train them on their target alone"
+    )
 
 
 def _img_shapes(sample: PreparedSample) -> list[list[int]]:
@@ -103,7 +139,7 @@ def validate_rows(
 
     def check(row: EditRow) -> CheckedRow:
         sample = prepare_sample(row, model, policy)
-        return CheckedRow(row, _img_shapes(sample), sample.cropped)
+        return CheckedRow(row, _img_shapes(sample), sample.cropped, sample.composited)
 
     checked, skipped = prepare_all(rows, check, skip_bad_samples=skip_bad_samples)
     report = DataReport(
@@ -111,5 +147,6 @@ def validate_rows(
         skipped=skipped,
         without_control=[c.row.sample_id for c in checked if not c.row.controls],
         cropped=[(c.row.sample_id, c.cropped) for c in checked if c.cropped > CROP_REPORT_SHARE],
+        composited=[f"{c.row.sample_id} ({what})" for c in checked for what in c.composited],
     )
     return checked, report

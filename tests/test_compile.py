@@ -68,3 +68,26 @@ def test_later_layouts_reuse_the_graphs(run):
     frames = [record["frames"] for record in run]
     assert frames[0] > 0
     assert frames[WARMUP:] == [frames[WARMUP - 1]] * (len(frames) - WARMUP), frames
+
+
+def test_steps_that_compile_are_logged_with_their_time(caplog):
+    """--compile says which steps compiled and how long they took (TorchDynamo's eager backend: no inductor cost)."""
+    from accelerate import PartialState
+
+    from common.compile import CompileWatch
+    from common.errors import configure_logging
+
+    PartialState()  # accelerate's logger needs it, as in a training run
+    configure_logging()
+    watch = CompileWatch()
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=True)
+    with caplog.at_level("INFO", logger="common.compile"):
+        double(torch.ones(3))
+        watch.after_step(1, 12.5)
+        double(torch.ones(5))  # a new length: the dynamic graph serves it
+        watch.after_step(2, 0.25)
+    lines = [r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records if r.name == "common.compile"]
+    assert lines == [
+        "--compile: step 1 compiled 1 new graph(s) and took 12.5 s (12.5 s in compiling steps so far); "
+        "steps with layouts compiled before reuse the graphs"
+    ]

@@ -631,3 +631,76 @@ def test_crops_are_measured_per_image():
     assert sample.crops == {"image": pytest.approx(1 - 80 / 200)}  # 5:1 cut to 2:1 keeps 80 of 200 columns
     assert sample.cropped == pytest.approx(0.6)
     assert prepare_sample(_row(_image(64, 48, 0)), "flux_kontext", policy).cropped == 0.0
+
+
+def test_transparent_pixels_are_composited_over_white_and_the_rows_named(tmp_path):
+    """RGBA, LA and P-with-transparency images are composited over white (BACKGROUND), not stripped of their alpha
+    (which trained the colours hidden under transparent pixels); the user's files are unchanged; opaque RGBA is as
+    RGB; the data summary names the rows."""
+    from common.data import BACKGROUND
+    from common.validate import validate_rows
+
+    rgb = _image(32, 32, 7)
+    alpha = np.full((32, 32), 255, dtype=np.uint8)
+    alpha[:, :16] = 0  # left half fully transparent
+    alpha[:8, 16:] = 128  # a half-transparent band
+    rgba = rgb.copy()
+    rgba.putalpha(PIL.Image.fromarray(alpha))
+    palette = rgb.quantize(16)
+    palette.info["transparency"] = int(np.asarray(palette)[0, 0])  # the palette index of the top-left pixel
+    cases = {
+        "rgba": _saved(rgba, tmp_path / "rgba.png"),
+        "la": _saved(rgba.convert("LA"), tmp_path / "la.png"),
+        "p": _saved(palette, tmp_path / "p.png", transparency=palette.info["transparency"]),
+        "opaque": _saved(rgb.convert("RGBA"), tmp_path / "opaque.png"),
+    }
+    before = {name: path.read_bytes() for name, path in cases.items()}
+    white = np.array(BACKGROUND, dtype=float)
+    for name in ("rgba", "la"):
+        row = EditRow(0, name, str(cases[name]), (), "p", None, {"image": str(cases[name])})
+        got = np.asarray(load_rgb(row.target, row=row, what="image")).astype(float)
+        colour = np.asarray(rgb if name == "rgba" else rgb.convert("L").convert("RGB")).astype(float)
+        assert BACKGROUND == (255, 255, 255)
+        assert np.array_equal(got[:, :16], np.broadcast_to(white, got[:, :16].shape))
+        assert np.abs(got[:8, 16:] - (colour[:8, 16:] * 128 + white * 127) / 255).max() <= 1
+        assert np.array_equal(got[8:, 16:], colour[8:, 16:])
+    row = EditRow(0, "p", str(cases["p"]), (), "p", None, {"image": str(cases["p"])})
+    got = np.asarray(load_rgb(row.target, row=row, what="image"))
+    keyed = np.asarray(palette) == palette.info["transparency"]
+    assert keyed.any() and (got[keyed] == 255).all()
+    assert np.array_equal(got[~keyed], np.asarray(palette.convert("RGB"))[~keyed])
+    row = EditRow(0, "o", str(cases["opaque"]), (), "p", None, {"image": str(cases["opaque"])})
+    assert np.array_equal(np.asarray(load_rgb(row.target, row=row, what="image")), np.asarray(rgb))
+    assert {name: path.read_bytes() for name, path in cases.items()} == before
+
+    rows = [
+        EditRow(0, "t", str(cases["rgba"]), (str(cases["opaque"]),), "p", None, {}),
+        EditRow(1, "c", str(cases["opaque"]), (str(cases["p"]),), "p", None, {}),
+        EditRow(2, "n", str(cases["opaque"]), (str(cases["opaque"]),), "p", None, {}),
+    ]
+    _, report = validate_rows(rows, "flux_kontext", get_model("flux_kontext").policy(target_area=32 * 32),
+                              skip_bad_samples=False)  # fmt: skip
+    assert report.composited == ["t (image)", "c (control_0)"]
+
+
+def test_rows_without_control_among_rows_with_one_are_refused_unless_allowed(tmp_path):
+    """JSONL/CSV rows with an empty control cell among rows with one: refused naming them (file:line), unless
+    --allow_target_only; a data set without any control image (text-to-image pairs) is fine as it is."""
+    from common.validate import check_target_only
+
+    for k in range(3):
+        _image(32, 32, k).save(tmp_path / f"{k}.png")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(
+        '{"image": "0.png", "control": "1.png", "prompt": "a"}\n{"image": "1.png", "control": "", "prompt": "b"}\n'
+        '{"image": "2.png", "control": [], "prompt": "c"}\n{"image": "2.png", "control": ["0.png"], "prompt": "d"}\n'
+    )
+    csv_file = tmp_path / "m.csv"
+    csv_file.write_text("image,control,prompt\n0.png,1.png,a\n1.png,,b\n")
+    with pytest.raises(UserError, match=r"m.jsonl: 2 of 4 rows have no control image .*: m.jsonl:2, m.jsonl:3;"):
+        check_target_only(read_rows(manifest), False, "m.jsonl")
+    with pytest.raises(UserError, match=r"1 of 2 rows .*: m.csv:3; .*--allow_target_only"):
+        check_target_only(read_rows(csv_file), False, "m.csv")
+    check_target_only(read_rows(manifest), True, "m.jsonl")
+    manifest.write_text('{"image": "0.png", "prompt": "a"}\n{"image": "1.png", "control": null, "prompt": "b"}\n')
+    check_target_only(read_rows(manifest), False, "m.jsonl")

@@ -22,6 +22,8 @@ def test_demo_trains_and_plots(model, tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "of this batch is padding" not in result.stderr  # the demo uses the settings it recommends
+    assert "grouped by length" in result.stderr
     out = tmp_path / "demo" / "output" / model
     assert f"LoRA weights: {out / 'pytorch_lora_weights.safetensors'}" in result.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

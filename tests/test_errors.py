@@ -202,3 +202,20 @@ def test_wandb_without_login_is_one_line_before_anything_loads(setup, tmp_path):
     for way_out in ("wandb login", "WANDB_MODE=offline", "--report_to none"):
         assert way_out in error, error
     assert not (root / "never").exists() and not list(tmp_path.iterdir())
+
+
+def test_a_forgotten_control_image_is_refused_naming_the_rows(setup, tmp_path):
+    """Folder layout: a missing stem_control.png made a silent target-only row; with other rows holding controls it
+    is refused in one line naming the row and the flag that allows it, before any model file or cache is touched."""
+    _, checkpoint, _ = setup
+    data = h.dataset(tmp_path, MODEL, rows=4)  # every row has one control
+    (data / "002_control.png").unlink()
+    flags = [flag for flag in h.data_flags(MODEL, checkpoint, data) if flag != "--allow_target_only"]
+    status, lines = audited_run(
+        checkpoint, ["--model", MODEL, *flags, "--cache_dir", str(tmp_path / "c")], "precompute_cache.py"
+    )
+    assert status == 2
+    error = user_error_lines(lines)
+    assert f"dataset {data}: 1 of 4 rows have no control image while the others have one: 002" in error
+    assert "--allow_target_only" in error
+    assert not (tmp_path / "c").exists()

@@ -50,7 +50,8 @@ def test_card_parses_with_its_metadata_data_summary_and_command(tmp_path):
     assert meta.license == "other" and meta.license_name == "flux-1-dev-non-commercial-license"
     text = loaded.text
     assert text.startswith(MARKER)
-    assert "FluxKontextPipeline.from_pretrained('someone/kontext-finetune'" in text
+    assert "FluxKontextPipeline.from_pretrained('someone/kontext-finetune', dtype=torch.bfloat16)" in text
+    assert text.split("\n")[3].startswith("A LoRA for [someone/kontext-finetune](https://huggingface.co/someone/")
     assert f"pipe.load_lora_weights({str((tmp_path / 'out').resolve())!r})" in text
     assert "prompt='ohwx make the cup red'" in text  # no validation prompts: the first caption
     assert "6 samples; reference images per sample: 0 in 2, 1 in 3, 2 in 1." in text
@@ -69,8 +70,11 @@ def test_base_model_of_a_local_folder(tmp_path):
     assert base_model_id(str(tmp_path), "Qwen/Qwen-Image-Edit-2509") == "Qwen/Qwen-Image-Edit-2509"
     args = flux_args(tmp_path, "--pretrained_model_name_or_path", str(tmp_path))
     text = model_card(args, train_flux_kontext.MODEL, data(), 1, "no").text
-    assert "from_pretrained('black-forest-labs/FLUX.1-Kontext-dev'" in text
-    assert f"Trained from the local checkpoint `{tmp_path}`." in text
+    assert "from_pretrained('black-forest-labs/FLUX.1-Kontext-dev', dtype=torch.bfloat16)" in text
+    opening = text.split("\n")[3]  # after the marker, the title and a blank line
+    assert opening.startswith(f"A LoRA for the local checkpoint `{tmp_path}` (`FluxKontextPipeline`), trained on 6")
+    assert "[black-forest-labs/FLUX.1-Kontext-dev](https://huggingface.co/black-forest-labs/FLUX.1-Kontext-dev)" in text
+    assert "A LoRA for [black-forest-labs" not in text and "torch_dtype" not in text
 
 
 def test_last_validation_images_are_shown_and_in_the_widget(tmp_path):

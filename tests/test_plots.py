@@ -46,3 +46,26 @@ def test_save_writes_a_png_and_skips_an_empty_log(tmp_path):
     with Image.open(out) as image:
         assert image.format == "PNG" and image.size == (800, 900)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]  # no temporary file left
+
+
+@pytest.mark.parametrize("peak", [1e-4, 3e-6])
+def test_tick_labels_of_every_panel_stay_inside_the_figure(peak):
+    """Learning rates such as 1e-4 with warm-up drew labels like '−0.000025' past the left edge of the PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    logged = [
+        {"step": s, "loss": 0.5 + 0.01 * (s % 7), "lr": peak * min(1.0, s / 100), "padding_ratio": 0.1 + 1e-4 * s,
+         "tokens_per_second": 12345.0 + 100.0 * s}
+        for s in range(1, 1001)
+    ]  # fmt: skip
+    figure = curves_figure(logged)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    for axis in figure.axes:
+        labels = [label for label in axis.get_yticklabels() if label.get_text()]
+        assert labels, axis.get_title(loc="left")
+        for label in labels:
+            box = label.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.x1 <= figure.bbox.width, (axis.get_title(loc="left"), label.get_text())
+    lr_axis = figure.axes[[title for title, _ in PANELS].index("learning rate")]
+    assert lr_axis.get_ylim()[0] == 0  # a learning rate is never negative

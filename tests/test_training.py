@@ -257,3 +257,25 @@ def test_every_attention_call_of_a_step_runs_without_cudnn_attention(kontext_ste
     assert {in_backward for in_backward, _ in seen} == {False, True}  # forward, and recompute in backward
     assert {kernels for _, kernels in seen} == {DEFAULT_SDPA_KERNELS} and "cudnn" not in DEFAULT_SDPA_KERNELS
     assert enabled_sdpa_kernels() == ["flash", "efficient", "cudnn", "math"]
+
+
+def test_configuration_line_states_memory_options_token_budget_and_compile(tmp_path):
+    """The flags that change memory or speed show in the configuration line; a token budget replaces the sample
+    count ("6 steps of 4 samples" was printed with --max_tokens_per_batch, whose steps hold varying samples)."""
+    import types
+
+    import train_flux_kontext
+    from common.training import _summary
+
+    base = ["--pretrained_model_name_or_path", "org/model", "--cache_dir", str(tmp_path), "--max_train_steps", "6"]
+    processes = types.SimpleNamespace(num_processes=2, mixed_precision="bf16")
+    plain = _summary(train_flux_kontext.parse_args([*base, "--train_batch_size", "4"]), FLUX_KONTEXT, processes)
+    assert "6 steps of 8 samples (4 x 1 accumulation x 2 processes)" in plain
+    assert "base weights bf16" in plain and "no block offloading" in plain and "eager (no --compile)" in plain
+    budget = [*base, "--base_precision", "fp8", "--offload_blocks", "--max_tokens_per_batch", "3000", "--compile"]
+    line = _summary(train_flux_kontext.parse_args(budget), FLUX_KONTEXT, processes)
+    expected = "6 steps of up to 3000 real tokens per micro-batch and process (samples per step vary; 1 accumulation"
+    assert f"{expected} x 2 processes)" in line
+    assert "samples (" not in line
+    assert "base weights fp8 (e4m3, per-row scales)" in line and "blocks offloaded to CPU memory" in line
+    assert "--compile: the first steps and each new batch layout compile first" in line

@@ -56,7 +56,7 @@ def dataset(root: Path, model: str, rows: int = 8) -> Path:
 
 def data_flags(model: str, checkpoint: Path, data: Path, *extra: str) -> list[str]:
     """Flags shared by precompute_cache.py and the trainer."""
-    flags = ["--pretrained_model_name_or_path", str(checkpoint), "--dataset", str(data)]
+    flags = ["--pretrained_model_name_or_path", str(checkpoint), "--dataset", str(data), "--allow_target_only"]
     flags += ["--multi_resolutions", *RESOLUTIONS, *extra]
     return flags + (["--max_sequence_length", "32"] if get_model(model).max_sequence_length else [])
 
