@@ -7,12 +7,15 @@ Model-independent mechanics behind `--base_precision` and `--offload_blocks` (an
   diffusers' unscaled layerwise casting, see README "Memory") and computes in the dtype it was loaded in.
 - `nf4` / `int8`: bitsandbytes through diffusers' `BitsAndBytesConfig` at `from_pretrained` (QLoRA, as the diffusers
   examples' `--bnb_quantization_config_path`); CUDA only, refused in one line before anything loads elsewhere.
-- `--offload_blocks`: the frozen tensors of each block live in (pinned) CPU memory and are copied onto the device
-  for the block's forward (on a side CUDA stream, the next block prefetched while this one computes).
+- `--offload_blocks`: the frozen tensors of each block live in (pinned) CPU memory; an `OffloadChain` keeps at most
+  two blocks' of them on the device, the one computing and the one that runs next, copied on a side CUDA stream
+  (forward: the next block; backward: the previous one, for its recomputation and its frozen layers' gradients).
 
 Both are diffusers `ModelHook`s. Frozen linear layers run through `FrozenLinear`, an autograd function that saves no
 weight for backward but fetches (and dequantizes) it again there, so an fp8 base never keeps full-precision copies
-alive between forward and backward, and an offloaded block's weights need not stay on the device. LoRA layers
+alive between forward and backward, and an offloaded block's weights need not stay on the device. Nothing
+module-level refers to a model: a deleted one is freed by the garbage collector (diffusers' hooks refer to their
+modules in a cycle, so `del` alone frees hooked layers only once the collector runs: call `gc.collect()`). LoRA layers
 (trainable) are never touched: their weights stay float32 and on the device.
 """
 
@@ -143,7 +146,7 @@ class OffloadChain:
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.tensors: list[list[Tensor]] = []
         self.host: list[list[Tensor]] = []
-        self.resident: list[int] = []  # indices of the groups on the device, at most two
+        self.resident: dict[int, torch.cuda.Event | None] = {}  # groups on the device (at most two): copy done
 
     def add(self, tensors: list[Tensor]) -> int:
         """Offload a group of tensors (the next one to run) to CPU memory, pinned on CUDA; returns its index."""
@@ -162,8 +165,8 @@ class OffloadChain:
             self.offload(other)
         if index not in self.resident:
             self.onload(index)
-        if self.stream is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        if self.stream is not None:  # wait for this group's copies only, not for a prefetch still under way
+            torch.cuda.current_stream(self.device).wait_event(self.resident[index])
         if 0 <= ahead < len(self.tensors) and ahead not in self.resident:
             self.onload(ahead)
 
@@ -172,7 +175,7 @@ class OffloadChain:
         with torch.cuda.stream(self.stream):  # None: no-op
             for tensor, host in zip(self.tensors[index], self.host[index], strict=True):
                 tensor.data = host.to(self.device, non_blocking=self.stream is not None, copy=True)
-        self.resident.append(index)
+            self.resident[index] = None if self.stream is None else self.stream.record_event()
 
     def offload(self, index: int) -> None:
         """Point group `index` back at its CPU copies; its device copies are freed once the kernels queued on the
@@ -181,7 +184,7 @@ class OffloadChain:
             if self.stream is not None:
                 tensor.data.record_stream(torch.cuda.current_stream(self.device))
             tensor.data = host
-        self.resident.remove(index)
+        del self.resident[index]
 
     def release(self) -> None:
         """Offload every group."""

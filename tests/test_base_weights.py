@@ -18,6 +18,7 @@ from peft import LoraConfig
 from common.base_weights import (
     FP8,
     FrozenLinearHook,
+    OffloadChain,
     _frozen_linears,
     blocks,
     load_transformer,
@@ -145,19 +146,9 @@ def _frozen_bytes(module: torch.nn.Module) -> int:
     return sum(t.nbytes for layer in _frozen_linears(module) for t in (*layer.parameters(), *layer.buffers()))
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_offload_prefetches_the_next_block_and_keeps_at_most_two_on_the_device(tiny_checkpoint, checkpointing):
-    """Every onload is recorded with the block that asked for it and the bytes of onloaded copies still alive
-    anywhere (weak references to their storages: a copy kept by autograd or a hook would count). Forward: block i
-    prefetches i + 1; backward (the recomputation under checkpointing, or the frozen layers' weight fetches without
-    it): i prefetches i - 1; each block is copied once per direction and two blocks at most are ever resident."""
-    transformer = _flux(tiny_checkpoint)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q"]))
-    reduce_base(transformer, "offload")
-    if checkpointing:
-        transformer.enable_gradient_checkpointing()
-    chain = blocks(transformer)[0]._diffusers_hook.get_hook("block_offload").chain
-    assert [_frozen_bytes(b) for b in blocks(transformer)] == [sum(t.nbytes for t in g) for g in chain.tensors]
+def _record_onloads(chain: OffloadChain) -> tuple[list, list]:
+    """Wrap the chain's `acquire` and `onload`: returns the lists they fill, of (block, grad mode) per acquire and of
+    (in backward, asking block, onloaded block, bytes of all onloaded copies still alive) per onload."""
     copies, events, asking = [], [], []
     acquire, onload = chain.acquire, chain.onload
 
@@ -172,6 +163,28 @@ def test_offload_prefetches_the_next_block_and_keeps_at_most_two_on_the_device(t
         events.append((torch._C._current_graph_task_id() != -1, asking[-1][0], index, alive))
 
     chain.acquire, chain.onload = recording_acquire, recording_onload
+    return events, asking
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_offload_prefetches_the_next_block_keeps_two_at_most_and_frees_on_delete(tiny_checkpoint, checkpointing):
+    """fp8 + offloading as the trainers combine them. Every onload is recorded with the block that asked for it and
+    the bytes of onloaded copies still alive anywhere (weak references to their storages: a copy kept by autograd or
+    a hook would count). Forward: block i prefetches i + 1; backward (the recomputation under checkpointing, or the
+    frozen layers' weight fetches without it): i prefetches i - 1; each block is copied once per direction and two
+    blocks at most are ever resident. Then `del` and a garbage collection free the model, its blocks, weights and
+    host copies: no hook, stream, chain or autograd node keeps any alive (diffusers' hooks refer to their modules in
+    a cycle, so the collector, not `del` alone, frees hooked layers)."""
+    transformer = _flux(tiny_checkpoint)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q"]))
+    transformer.requires_grad_(False)
+    transformer.set_adapter("default")  # LoRA trainable again: the frozen base as the trainers have it
+    place_base_weights(transformer, argparse.Namespace(base_precision="fp8", offload_blocks=True), "cpu")
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    chain = blocks(transformer)[0]._diffusers_hook.get_hook("block_offload").chain
+    assert [_frozen_bytes(b) for b in blocks(transformer)] == [sum(t.nbytes for t in g) for g in chain.tensors]
+    events, asking = _record_onloads(chain)
     inputs = _tiny_inputs(transformer, "flux_kontext")
     transformer(**inputs, return_dict=False)[0].pow(2).mean().backward()
 
@@ -179,9 +192,9 @@ def test_offload_prefetches_the_next_block_and_keeps_at_most_two_on_the_device(t
     assert n == 4
     forward = [(False, max(i - 1, 0), i) for i in range(n)]  # block 0 onloads itself, then prefetches 1, ...
     backward = [(True, i, i - 1) for i in range(n - 1, 0, -1)]  # the last block is still there from forward
-    assert [e[:3] for e in events] == forward + backward
     sizes = sorted(_frozen_bytes(b) for b in blocks(transformer))
     assert max(e[3] for e in events) <= sizes[-1] + sizes[-2]
+    assert [e[:3] for e in events] == forward + backward
     assert len(chain.resident) == 1  # block 0 stays for the next step
     # In backward, checkpointing's recomputation acquires each block first (grad mode on), then the frozen layers'
     # weight fetches (grad mode off); without checkpointing only the latter.
@@ -190,21 +203,8 @@ def test_offload_prefetches_the_next_block_and_keeps_at_most_two_on_the_device(t
     assert recomputed == (list(range(n - 1, -1, -1)) if checkpointing else [])
     assert {index for index, grad_mode in in_backward if not grad_mode} == set(range(n))
 
-
-def test_deleting_a_trained_offloaded_fp8_model_frees_it(tiny_checkpoint):
-    """After a checkpointed step on an fp8 + offloaded base, `del` and a garbage collection free the model, its
-    blocks, frozen weights and their host copies: no hook, stream, chain or autograd node keeps any alive (diffusers'
-    hooks refer to their modules in a cycle, so the collector, not `del` alone, frees them)."""
-    transformer = _flux(tiny_checkpoint)
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q"]))
-    transformer.requires_grad_(False)
-    transformer.set_adapter("default")  # LoRA trainable again: the frozen base as the trainers have it
-    place_base_weights(transformer, argparse.Namespace(base_precision="fp8", offload_blocks=True), "cpu")
-    transformer.enable_gradient_checkpointing()
-    transformer(**_tiny_inputs(transformer, "flux_kontext"), return_dict=False)[0].pow(2).mean().backward()
-    chain = blocks(transformer)[0]._diffusers_hook.get_hook("block_offload").chain
     tracked = [transformer, chain, *blocks(transformer), *transformer.parameters()]
-    tracked += [s for group in chain.host for s in group] + [t.untyped_storage() for g in chain.host for t in g]
+    tracked += [t for group in chain.host for t in group] + [t.untyped_storage() for g in chain.host for t in g]
     refs = [weakref.ref(obj) for obj in tracked]
     del transformer, chain, tracked
     gc.collect()
@@ -250,7 +250,8 @@ def test_offload_on_cpu_is_bitwise_exact(tiny_checkpoint, checkpointing):
 
 
 def test_offloaded_encoders_encode_identically(tiny_checkpoint):
-    """precompute_cache.py --offload_encoders / uncached training: same embeddings and latents as resident ones."""
+    """precompute_cache.py --offload_encoders / uncached training: same embeddings and latents as resident ones, and
+    nothing of the encoders left on the device afterwards."""
     checkpoint = tiny_checkpoint("qwen_edit_plus")
     resident = load_encoders("qwen_edit_plus", checkpoint)
     offloaded = load_encoders("qwen_edit_plus", checkpoint, offload=True)
@@ -263,6 +264,10 @@ def test_offloaded_encoders_encode_identically(tiny_checkpoint):
     assert torch.equal(expected["prompt_embeds"], got["prompt_embeds"])
     pixels = torch.rand(3, 64, 64) * 2 - 1
     assert torch.equal(resident.encode_image(pixels), offloaded.encode_image(pixels))
+    hooks = [
+        m._diffusers_hook.get_hook("block_offload") for m in (offloaded.pipe.text_encoder, offloaded.pipe.vae.encoder)
+    ]
+    assert all(len(h.blocks.tensors) > 1 and not h.blocks.resident and not h.rest.resident for h in hooks)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
