@@ -7,12 +7,15 @@ Model-independent mechanics behind `--base_precision` and `--offload_blocks` (an
   diffusers' unscaled layerwise casting, see README "Memory") and computes in the dtype it was loaded in.
 - `nf4` / `int8`: bitsandbytes through diffusers' `BitsAndBytesConfig` at `from_pretrained` (QLoRA, as the diffusers
   examples' `--bnb_quantization_config_path`); CUDA only, refused in one line before anything loads elsewhere.
-- `--offload_blocks`: the frozen tensors of each block live in (pinned) CPU memory and are copied onto the device
-  for the block's forward (on a side CUDA stream, the next block prefetched while this one computes).
+- `--offload_blocks`: the frozen tensors of each block live in (pinned) CPU memory; an `OffloadChain` keeps at most
+  two blocks' of them on the device, the one computing and the one that runs next, copied on a side CUDA stream
+  (forward: the next block; backward: the previous one, for its recomputation and its frozen layers' gradients).
 
 Both are diffusers `ModelHook`s. Frozen linear layers run through `FrozenLinear`, an autograd function that saves no
 weight for backward but fetches (and dequantizes) it again there, so an fp8 base never keeps full-precision copies
-alive between forward and backward, and an offloaded block's weights need not stay on the device. LoRA layers
+alive between forward and backward, and an offloaded block's weights need not stay on the device. Nothing
+module-level refers to a model: a deleted one is freed by the garbage collector (diffusers' hooks refer to their
+modules in a cycle, so `del` alone frees hooked layers only once the collector runs: call `gc.collect()`). LoRA layers
 (trainable) are never touched: their weights stay float32 and on the device.
 """
 
@@ -95,6 +98,8 @@ class FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        if ctx.hook.block is not None:  # offloaded: on the device again, the block before this one prefetched
+            ctx.hook.block.chain.acquire(ctx.hook.block.index)
         weight = _frozen_weight(ctx.hook, grad.device)
         return grad.matmul(weight.to(grad.dtype)).to(ctx.x_dtype), None
 
@@ -108,6 +113,7 @@ class FrozenLinearHook(ModelHook):
         """`fp8`: quantize the weight when the hook is installed."""
         super().__init__()
         self.fp8 = fp8
+        self.block: BlockOffloadHook | None = None  # with --offload_blocks: the hook of the block it belongs to
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         """Remember the layer and its compute dtype; quantize its weight in place (on whatever device it is)."""
@@ -123,58 +129,106 @@ class FrozenLinearHook(ModelHook):
         return FrozenLinear.apply(x, self)
 
 
-class BlockOffloadHook(ModelHook):
-    """Keeps one block's frozen tensors in CPU memory and copies them onto the device around the block's forward.
+class OffloadChain:
+    """Groups of frozen tensors that live in (pinned) CPU memory, in the order their blocks run, and which of them
+    are on the compute device now.
 
-    On CUDA the copies come from pinned memory on a side stream, and the block that will run next is prefetched
-    while this one computes (the next block in forward, the previous one while gradient checkpointing recomputes
-    blocks in backward). Offloading only points the tensors back at their CPU copies: frozen weights never change.
+    `acquire(i)` puts group i on the device and starts copying the group that runs after it (i + 1 in forward,
+    i - 1 in backward: a block recomputed by gradient checkpointing, or a `FrozenLinear` fetching its weight for
+    backward); every other group is offloaded first, so at most two groups are on the device at any time, however
+    the forward ends (checkpointing's recomputation stops early, without the block's post-forward). On CUDA the copies
+    run on a side stream. It holds tensors, never modules: nothing here keeps a deleted model alive.
     """
+
+    def __init__(self, device: torch.device) -> None:
+        """`device`: where the blocks compute (a real copy is made there even on the CPU)."""
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.tensors: list[list[Tensor]] = []
+        self.host: list[list[Tensor]] = []
+        self.resident: dict[int, torch.cuda.Event | None] = {}  # groups on the device (at most two): copy done
+
+    def add(self, tensors: list[Tensor]) -> int:
+        """Offload a group of tensors (the next one to run) to CPU memory, pinned on CUDA; returns its index."""
+        host = [t.data.to("cpu") for t in tensors]
+        host = [h.pin_memory() for h in host] if self.stream is not None else host
+        for tensor, copy in zip(tensors, host, strict=True):
+            tensor.data = copy
+        self.tensors.append(tensors)
+        self.host.append(host)
+        return len(self.tensors) - 1
+
+    def acquire(self, index: int) -> None:
+        """Make group `index` usable on the device now and prefetch the group that runs after it."""
+        ahead = index - 1 if torch._C._current_graph_task_id() != -1 else index + 1  # in backward: reverse order
+        for other in [i for i in self.resident if i not in (index, ahead)]:
+            self.offload(other)
+        if index not in self.resident:
+            self.onload(index)
+        if self.stream is not None:  # wait for this group's copies only, not for a prefetch still under way
+            torch.cuda.current_stream(self.device).wait_event(self.resident[index])
+        if 0 <= ahead < len(self.tensors) and ahead not in self.resident:
+            self.onload(ahead)
+
+    def onload(self, index: int) -> None:
+        """Copy group `index` onto the device (asynchronously on the side stream on CUDA)."""
+        with torch.cuda.stream(self.stream):  # None: no-op
+            for tensor, host in zip(self.tensors[index], self.host[index], strict=True):
+                tensor.data = host.to(self.device, non_blocking=self.stream is not None, copy=True)
+            self.resident[index] = None if self.stream is None else self.stream.record_event()
+
+    def offload(self, index: int) -> None:
+        """Point group `index` back at its CPU copies; its device copies are freed once the kernels queued on the
+        compute stream so far are done with them (frozen weights never change, so nothing is copied back)."""
+        for tensor, host in zip(self.tensors[index], self.host[index], strict=True):
+            if self.stream is not None:
+                tensor.data.record_stream(torch.cuda.current_stream(self.device))
+            tensor.data = host
+        del self.resident[index]
+
+    def release(self) -> None:
+        """Offload every group."""
+        for index in list(self.resident):
+            self.offload(index)
+
+
+class BlockOffloadHook(ModelHook):
+    """Before a block's forward (or its recomputation in backward), acquires its group of an `OffloadChain`."""
 
     _is_stateful = False
 
-    def __init__(self, tensors: list[Tensor], device: torch.device, stream: torch.cuda.Stream | None) -> None:
-        """`tensors`: the block's frozen parameters/buffers; `device`: where it computes."""
+    def __init__(self, chain: OffloadChain, tensors: list[Tensor]) -> None:
+        """`tensors`: the block's frozen parameters/buffers, offloaded as the chain's next group."""
         super().__init__()
-        self.tensors, self.device, self.stream = tensors, torch.device(device), stream
-        pin = stream is not None
-        self.cpu = [t.data.to("cpu").pin_memory() if pin else t.data.to("cpu") for t in tensors]
-        self.next: BlockOffloadHook | None = None
-        self.previous: BlockOffloadHook | None = None
-
-    def initialize_hook(self, module: nn.Module) -> nn.Module:
-        """Start offloaded."""
-        self.offload()
-        return module
-
-    def onload(self) -> None:
-        """Copy the tensors onto the device (asynchronously on the side stream on CUDA); no-op if already there."""
-        if not self.tensors or self.tensors[0].device == self.device:
-            return
-        with torch.cuda.stream(self.stream):  # None: no-op
-            for tensor, cpu in zip(self.tensors, self.cpu, strict=True):
-                tensor.data = cpu.to(self.device, non_blocking=self.stream is not None)
-
-    def offload(self) -> None:
-        """Point the tensors back at their CPU copies (the device copies are freed once no kernel uses them)."""
-        for tensor, cpu in zip(self.tensors, self.cpu, strict=True):
-            if self.stream is not None and tensor.device.type == "cuda":
-                tensor.data.record_stream(torch.cuda.current_stream())
-            tensor.data = cpu
+        self.chain, self.index = chain, chain.add(tensors)
 
     def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
-        """Onload this block (wait for its copies), then start copying the block that runs after it."""
-        self.onload()
-        if self.stream is not None:
-            torch.cuda.current_stream().wait_stream(self.stream)
-        upcoming = self.previous if torch._C._current_graph_task_id() != -1 else self.next  # in backward: reverse
-        if upcoming is not None and self.stream is not None:
-            upcoming.onload()
+        """Acquire this block's group (which prefetches the next)."""
+        self.chain.acquire(self.index)
+        return args, kwargs
+
+
+class ModuleOffloadHook(ModelHook):
+    """Around an inference model's own forward: its weights outside the blocks are on the device only during it,
+    and its blocks are all offloaded after it."""
+
+    _is_stateful = False
+
+    def __init__(self, tensors: list[Tensor], blocks: OffloadChain) -> None:
+        """`tensors`: the model's parameters/buffers outside its blocks; `blocks`: the chain of its blocks."""
+        super().__init__()
+        self.rest, self.blocks = OffloadChain(blocks.device), blocks
+        self.rest.add(tensors)
+
+    def pre_forward(self, module: nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
+        """Onload the weights outside the blocks."""
+        self.rest.acquire(0)
         return args, kwargs
 
     def post_forward(self, module: nn.Module, output):
-        """Offload after the block's forward (FrozenLinear fetches weights again for backward)."""
-        self.offload()
+        """Offload everything (inference: no recomputation skips this)."""
+        self.rest.release()
+        self.blocks.release()
         return output
 
 
@@ -213,21 +267,21 @@ def place_base_weights(transformer: nn.Module, args: argparse.Namespace, device:
     if not (fp8 or args.offload_blocks):
         return
     device = torch.device(device)
-    stream = torch.cuda.Stream(device) if args.offload_blocks and device.type == "cuda" else None
-    hooks: list[BlockOffloadHook] = []
+    chain = OffloadChain(device) if args.offload_blocks else None
     for block in blocks(transformer):
         frozen = list(_frozen_linears(block))
-        for layer in frozen:  # quantized one layer at a time on the device, so the full model is never there
-            if fp8:
+        linear_hooks = [FrozenLinearHook(fp8) for _ in frozen]
+        for layer, hook in zip(frozen, linear_hooks, strict=True):
+            if fp8:  # quantized one layer at a time on the device, so the full model is never there
                 layer.to(device)
-            _register(layer, FrozenLinearHook(fp8), _FROZEN_LINEAR)
-        if args.offload_blocks:
+            _register(layer, hook, _FROZEN_LINEAR)
+        if chain is not None:
             tensors = [t for layer in frozen for t in (*layer.parameters(), *layer.buffers())]
-            hooks.append(BlockOffloadHook(tensors, device, stream))
-            _register(block, hooks[-1], _BLOCK_OFFLOAD)
-    for before, after in zip(hooks, hooks[1:], strict=False):
-        before.next, after.previous = after, before
-    offloaded = {id(t) for hook in hooks for t in hook.tensors}
+            block_hook = BlockOffloadHook(chain, tensors)
+            _register(block, block_hook, _BLOCK_OFFLOAD)
+            for hook in linear_hooks:
+                hook.block = block_hook
+    offloaded = {id(t) for group in (chain.tensors if chain is not None else []) for t in group}
     for tensor in (*transformer.parameters(), *transformer.buffers()):
         if id(tensor) not in offloaded:
             tensor.data = tensor.data.to(device)
@@ -273,15 +327,12 @@ def load_transformer(
 def offload_modules(module: nn.Module, device: torch.device) -> None:
     """Offload a frozen inference model (text encoder, VAE) block by block: each of its blocks, and the rest of it
     as one more group around its own forward, is in CPU memory except while it runs. Inputs stay on `device`."""
-    device = torch.device(device)
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    in_blocks = set()
+    chain = OffloadChain(device)
     for block in blocks(module):
-        tensors = [*block.parameters(), *block.buffers()]
-        in_blocks.update(id(t) for t in tensors)
-        _register(block, BlockOffloadHook(tensors, device, stream), _BLOCK_OFFLOAD)
+        _register(block, BlockOffloadHook(chain, [*block.parameters(), *block.buffers()]), _BLOCK_OFFLOAD)
+    in_blocks = {id(t) for group in chain.tensors for t in group}
     rest = [t for t in (*module.parameters(), *module.buffers()) if id(t) not in in_blocks]
-    _register(module, BlockOffloadHook(rest, device, stream), _BLOCK_OFFLOAD)
+    _register(module, ModuleOffloadHook(rest, chain), _BLOCK_OFFLOAD)
 
 
 class ExecutionDevice:
