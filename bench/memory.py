@@ -51,10 +51,10 @@ from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from common import qwen_edit
 from common.base_weights import blocks, load_transformer, place_base_weights
 from common.flux import image_ids
 from common.lora import add_lora
+from common.models import get_model
 
 OPTIONS = ("auto", "fp8", "nf4", "int8", "auto+offload", "fp8+offload")
 GIB = 2**30
@@ -133,11 +133,7 @@ def model_inputs(
 
 def lora_targets(model: str) -> list[str]:
     """The trainer's default LoRA targets."""
-    if model == "flux_kontext":
-        import train_flux_kontext
-
-        return list(train_flux_kontext.LORA_TARGETS)
-    return list(qwen_edit.LORA_TARGETS)
+    return list(get_model(model).lora_targets)
 
 
 def step_peak(
