@@ -383,7 +383,7 @@ def test_offload_on_cuda_matches_resident(tiny_checkpoint, checkpointing):
         if offload:
             place_base_weights(transformer, argparse.Namespace(base_precision="auto", offload_blocks=True), device)
             hook = blocks(transformer)[0]._diffusers_hook.get_hook("block_offload")
-            assert all(t.device.type == "cpu" for t in hook.tensors)
+            assert all(t.device.type == "cpu" and t.is_pinned() for t in hook.chain.tensors[hook.index])
         else:
             transformer.to(device)
         if checkpointing:
@@ -402,6 +402,9 @@ def test_offload_on_cuda_matches_resident(tiny_checkpoint, checkpointing):
             return_dict=False,
         )[0]
         out.pow(2).mean().backward()
+        if offload:  # after backward only block 0 is left on the GPU
+            on_gpu = [t for group in hook.chain.tensors for t in group if t.device.type == "cuda"]
+            assert list(hook.chain.resident) == [0] and len(on_gpu) == len(hook.chain.tensors[0])
         results.append((out.detach(), {n: p.grad for n, p in transformer.named_parameters() if p.requires_grad}))
     (plain, plain_grads), (offloaded, offloaded_grads) = results
     assert (plain - offloaded).abs().max() <= 1e-5
