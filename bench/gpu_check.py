@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import os
 import platform
 import re
@@ -86,24 +85,9 @@ def memory_stages(python: str) -> list[Stage]:
     """bench.memory's full-size CUDA measurement, one process per case and option (an OOM or crash stays there)."""
     from bench.memory import CASES, OPTIONS
 
+    memory = [python, "-m", "bench.memory", "--device", "cuda", "--batch_sizes", "1"]
     return [
-        Stage(
-            f"Memory, {case.name}, {option}",
-            [
-                python,
-                "-m",
-                "bench.memory",
-                "--device",
-                "cuda",
-                "--cases",
-                str(i),
-                "--options",
-                option,
-                "--batch_sizes",
-                "1",
-            ],
-            MEMORY_LIMIT_S,
-        )  # fmt: skip
+        Stage(f"Memory, {case.name}, {option}", [*memory, "--cases", str(i), "--options", option], MEMORY_LIMIT_S)
         for i, case in enumerate(CASES)
         for option in OPTIONS
     ]

@@ -1,6 +1,8 @@
-"""Every bench module imports and answers `python -m bench.X --help` (what users type), in one interpreter, with
-`datasets`, `wandb` and `bitsandbytes` absent as on the GPU machine before anything is carried there."""
+"""The bench package as users run it, in one interpreter (one start-up for the suite): every module imports and
+answers `python -m bench.X --help` with `datasets`, `wandb` and `bitsandbytes` absent (as on the GPU machine before
+anything is carried there), and `python -m bench.gpu_check` without a GPU says so, runs and writes nothing."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,23 +11,28 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES = sorted(f"bench.{p.stem}" for p in (ROOT / "bench").glob("*.py") if p.stem != "__init__")
 
 
-def test_every_bench_module_imports_and_prints_its_help_without_datasets_wandb_or_bitsandbytes():
-    """runpy.run_module is what `python -m` runs; one process for all modules keeps it to one interpreter start."""
+def test_every_module_answers_help_and_gpu_check_without_a_gpu_runs_nothing(tmp_path):
+    """runpy.run_module is what `python -m` runs."""
+    runs = [(module, ["--help"]) for module in MODULES] + [("bench.gpu_check", [])]
     code = (
         "import runpy, sys\n"
         "for absent in ('datasets', 'wandb', 'bitsandbytes'):\n"
         "    sys.modules[absent] = None  # as if not installed: importing it raises\n"
-        f"for module in {MODULES}:\n"
-        "    sys.argv = [module, '--help']\n"
+        f"for module, args in {runs!r}:\n"
+        "    sys.argv = [module, *args]\n"
         "    try:\n"
         "        runpy.run_module(module, run_name='__main__', alter_sys=True)\n"
         "    except SystemExit as done:\n"
         "        assert done.code in (0, None), (module, done.code)\n"
-        "    else:\n"
-        "        raise AssertionError(f'{module} --help did not exit')\n"
-        "    print('=== helped', module, flush=True)\n"
+        "    print('=== ran', module, *args, flush=True)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert [line.split()[-1] for line in done.stdout.splitlines() if line.startswith("=== helped")] == MODULES
+    ran = [line.split()[2:] for line in done.stdout.splitlines() if line.startswith("=== ran")]
+    assert ran == [[module, *args] for module, args in runs]
     assert {"bench.memory", "bench.fp8_accuracy", "bench.gpu_check", "bench.random_weights"} <= set(MODULES)
+    assert "needs a CUDA GPU" in done.stdout and "nothing was run" in done.stdout
+    assert list(tmp_path.iterdir()) == [], "nothing may be written without a GPU"
