@@ -68,3 +68,13 @@ def test_later_layouts_reuse_the_graphs(run):
     frames = [record["frames"] for record in run]
     assert frames[0] > 0
     assert frames[WARMUP:] == [frames[WARMUP - 1]] * (len(frames) - WARMUP), frames
+
+
+def test_compile_turns_off_the_coalescing_analysis_that_crashed_inductor(monkeypatch):
+    """torch 2.11, real-width FLUX.1 Kontext blocks, dynamic shapes: Inductor's coalescing tiling analysis asserted in
+    `get_pw_red_splits` during codegen (H200, issue 20); with it off the same blocks compiled and trained."""
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.triton, "coalesce_tiling_analysis", True)  # torch's default, restored after
+    compile_blocks(tiny_transformer("flux_kontext"))
+    assert config.triton.coalesce_tiling_analysis is False
