@@ -20,6 +20,7 @@ from common.data import prepare_sample, read_rows
 from common.encoders import load_encoders
 from common.errors import UserError, configure_logging, run_script
 from common.models import MODELS, get_model
+from common.sdpa import sdpa_kernels
 from common.training_data import cache_report, cache_row, data_fingerprint, row_hashes, text_length
 from common.validate import DataReport, check_target_only, validate_rows
 
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@sdpa_kernels()  # the trainers' default attention kernels (no cuDNN attention, README "Attention kernels")
 def main(args: argparse.Namespace) -> None:
     """Validate this process's share of the rows, encode the good ones, then (main process) finalize and report."""
     configure_logging(args.quiet)

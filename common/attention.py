@@ -7,7 +7,8 @@ hands the blocks per-sample rotary tables computed once per forward. Without tho
 delegate to the stock objects they replaced, so stock calls (pipelines, same-size batches) are unchanged.
 
 Backends:
-- ``masked``: SDPA with a broadcast (B, 1, 1, S) key-padding mask; works on every device.
+- ``masked``: SDPA with a broadcast (B, 1, 1, S) key-padding mask; works on every device. Never cuDNN attention
+  (`common.sdpa.without_cudnn`): with a mask it gave padded positions NaN or nonzero gradients (torch 2.11, H200).
 - ``split``: one unmasked SDPA call per sample over its valid tokens only; exact and mask-free.
 - ``varlen``: PyTorch's variable-length flash attention over the packed valid tokens (CUDA, fp16/bf16).
 - ``auto``: ``varlen`` where it can run, else ``split``.
@@ -20,6 +21,8 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import Tensor, nn
+
+from common.sdpa import without_cudnn
 
 BACKENDS = ("auto", "masked", "split", "varlen")
 
@@ -98,7 +101,9 @@ def mixed_attention(query: Tensor, key: Tensor, value: Tensor, mixed: MixedAtten
     every new batch layout a recompile; the attention kernels themselves gain nothing from tracing.
     """
     if mixed.backend == "masked":
-        return dispatch_attention_fn(query, key, value, attn_mask=mixed.key_mask)
+        with without_cudnn():
+            out = dispatch_attention_fn(query, key, value, attn_mask=mixed.key_mask)
+        return torch.where(mixed.key_mask[:, 0, 0, :, None, None], out, out.new_zeros(()))
     flat = [t.flatten(0, 1).index_select(0, mixed.index) for t in (query, key, value)]
     if mixed.backend == "varlen":
         from torch.nn.attention.varlen import varlen_attn

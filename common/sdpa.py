@@ -59,6 +59,14 @@ def sdpa_kernels(names: Sequence[str] = DEFAULT_SDPA_KERNELS) -> AbstractContext
     return sdpa_kernel(backends, set_priority=True) if _HAS_PRIORITY else sdpa_kernel(backends)
 
 
+def without_cudnn() -> AbstractContextManager:
+    """Context in which SDPA may use the kernels enabled now except cuDNN attention (math if that leaves none), for
+    calls with a mask: on an H200 with torch 2.11 its backward gave the masked-out (padded) positions NaN or nonzero
+    gradients where every other kernel gives exactly 0."""
+    names = [name for name in enabled_sdpa_kernels() if name != "cudnn"] or ["math"]
+    return sdpa_kernel([SDPA_KERNELS[name] for name in names])  # flags only: the preference order is kept
+
+
 def enabled_sdpa_kernels() -> list[str]:
     """Names of the SDPA kernels enabled right now (PyTorch's process-wide flags)."""
     return [name for name, enabled in _FLAGS.items() if enabled()]

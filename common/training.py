@@ -271,7 +271,14 @@ def _summary(args: argparse.Namespace, model: EditModel, accelerator: Accelerato
 
 
 def train(args: argparse.Namespace, model: EditModel) -> Path:
-    """Train a LoRA for `model` as the parsed flags say; returns the path of the saved LoRA weights."""
+    """Train a LoRA for `model` as the parsed flags say; returns the path of the saved LoRA weights. Every attention
+    call of the run (on-the-fly encoding, training steps, validation) may use the --sdpa_kernels only."""
+    with sdpa_kernels(args.sdpa_kernels):
+        return _train(args, model)
+
+
+def _train(args: argparse.Namespace, model: EditModel) -> Path:
+    """The run of `train`."""
     configure_logging(getattr(args, "quiet", False))
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from common.attention import (
     BACKENDS,
@@ -12,6 +13,7 @@ from common.attention import (
     mixed_attention,
     resolve_backend,
 )
+from common.sdpa import enabled_sdpa_kernels, sdpa_kernels
 
 CPU = torch.device("cpu")
 
@@ -46,10 +48,42 @@ def test_backends_equal_attention_over_real_tokens(backend):
         idx = torch.cat([torch.arange(lo, hi) for lo, hi in segs])
         expected = F.scaled_dot_product_attention(*(t[b, idx].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
         assert (out[b, idx] - expected).abs().max().item() <= 1e-6
-        if backend != "masked":
-            pad = torch.ones(10, dtype=torch.bool)
-            pad[idx] = False
-            assert torch.equal(out[b, pad], torch.zeros_like(out[b, pad]))
+        pad = torch.ones(10, dtype=torch.bool)
+        pad[idx] = False
+        assert torch.equal(out[b, pad], torch.zeros_like(out[b, pad]))
+
+
+class _WatchSdpa(TorchFunctionMode):
+    """Records the SDPA kernels enabled at each scaled_dot_product_attention call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
+            self.seen.append(enabled_sdpa_kernels())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", available_backends(CPU, torch.float32))
+def test_padded_positions_get_zero_outputs_and_zero_gradients(backend, dtype):
+    """Every padded query, key and value position: output exactly 0, gradient exactly 0 (so finite). `masked` never
+    runs cuDNN attention, even when the user allows it: on an H200 (torch 2.11, bf16) it gave padded positions NaN
+    or nonzero gradients. CPU has no cuDNN attention and no CPU kernel shows the NaN: this checks the exclusion."""
+    g = torch.Generator().manual_seed(0)
+    segments = [[(0, 3), (5, 9)], [(0, 10)], [(0, 1), (5, 6)]]
+    q, k, v = (torch.randn(3, 10, 2, 8, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    mixed = MixedAttention.from_segments(segments, 10, backend, CPU)
+    with sdpa_kernels(["cudnn", "flash", "efficient", "math"]), _WatchSdpa() as watch:
+        out = mixed_attention(q, k, v, mixed)
+    out.float().square().sum().backward()
+    pad = ~mixed.key_mask[:, 0, 0]
+    assert torch.equal(out[pad], torch.zeros_like(out[pad]))
+    for t in (q, k, v):
+        assert t.grad[~pad].abs().sum() > 0 and torch.equal(t.grad[pad], torch.zeros_like(t.grad[pad]))
+    assert watch.seen and all(("cudnn" in kernels) == (backend != "masked") for kernels in watch.seen)
 
 
 def test_apply_rope_real_matches_diffusers_per_sample():

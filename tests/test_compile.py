@@ -91,3 +91,13 @@ def test_steps_that_compile_are_logged_with_their_time(caplog):
         "--compile: step 1 compiled 1 new graph(s) and took 12.5 s (12.5 s in compiling steps so far); "
         "steps with layouts compiled before reuse the graphs"
     ]
+
+
+def test_compile_turns_off_the_coalescing_analysis_that_crashed_inductor(monkeypatch):
+    """torch 2.11, real-width FLUX.1 Kontext blocks, dynamic shapes: Inductor's coalescing tiling analysis asserted in
+    `get_pw_red_splits` during codegen (H200, issue 20); with it off the same blocks compiled and trained."""
+    from torch._inductor import config
+
+    monkeypatch.setattr(config.triton, "coalesce_tiling_analysis", True)  # torch's default, restored after
+    compile_blocks(tiny_transformer("flux_kontext"))
+    assert config.triton.coalesce_tiling_analysis is False

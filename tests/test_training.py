@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from common.lora import add_lora
 from common.models.flux_kontext import FLUX_KONTEXT
 from common.sampler import RandomBatchSampler, collate_ragged
-from common.sdpa import DEFAULT_SDPA_KERNELS, enabled_sdpa_kernels
+from common.sdpa import DEFAULT_SDPA_KERNELS, enabled_sdpa_kernels, sdpa_kernels
 from common.tiny import tiny_transformer
 from common.training import TrainState, accumulate_step, make_noisy_batch, micro_batches, target_token_count
 from common.training_data import TrainingData
@@ -248,15 +248,17 @@ def test_every_attention_call_of_a_step_runs_without_cudnn_attention(kontext_ste
     attention = [m for m in transformer.modules() if isinstance(m, AttentionModuleMixin)]
     handles = [m.register_forward_pre_hook(record) for m in attention]
     transformer.enable_gradient_checkpointing()
+    everything = ["flash", "efficient", "cudnn", "math"]
     try:
-        run([(0, collate_ragged(items[:2])), (0, collate_ragged(items[2:]))])
+        with sdpa_kernels(everything):  # what torch allows by default (tests run inside the trainers' default)
+            run([(0, collate_ragged(items[::2])), (0, collate_ragged(items[2:]))])  # mixed, then one sample (stock)
+            assert enabled_sdpa_kernels() == everything
     finally:
         transformer.disable_gradient_checkpointing()
         for handle in handles:
             handle.remove()
     assert {in_backward for in_backward, _ in seen} == {False, True}  # forward, and recompute in backward
     assert {kernels for _, kernels in seen} == {DEFAULT_SDPA_KERNELS} and "cudnn" not in DEFAULT_SDPA_KERNELS
-    assert enabled_sdpa_kernels() == ["flash", "efficient", "cudnn", "math"]
 
 
 def test_configuration_line_states_memory_options_token_budget_and_compile(tmp_path):
