@@ -219,21 +219,14 @@ def step_peak(
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
 ) -> int:
-    """Peak bytes of a steady-state LoRA step (the second: AdamW states exist from the first on) with `option`: the
-    CUDA allocator's peak, or MemTracker's on CPU; base weights in `dtype`, with bf16 autocast unless float32."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    transformer, optimizer, step = _train_step(model, checkpoint, option, checkpointing, inputs, device, dtype)
+    """Peak CUDA allocator bytes of a steady-state LoRA step (the second: AdamW states exist from the first on)
+    with `option`, base weights in `dtype`, with bf16 autocast unless that is float32."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    _, _, step = _train_step(model, checkpoint, option, checkpointing, inputs, device, dtype)
     step()
-    if device.type == "cuda":
-        step()
-        return torch.cuda.max_memory_allocated(device)
-    tracker = _Tracker(transformer)
-    tracker.track_external(transformer, optimizer, *[v for v in inputs.values() if torch.is_tensor(v)])
-    with tracker:
-        step()
-    return max(snap["Total"] for snap in tracker.get_tracker_snapshot("peak").values())
+    step()
+    return torch.cuda.max_memory_allocated(device)
 
 
 def dynamic_peaks(
@@ -285,10 +278,7 @@ class _Tracker(MemTracker):
         return tracked
 
     def _update_peak_stats(self, peak_state: _ModState) -> None:
-        # Only the global peak (MemTracker's per-module snapshots cost most of a CPU step's time) and `dynamic`.
-        for device, snap in self._curr_mem_snap.items():
-            if self._peak_mem.get(device, 0) < snap["Total"]:
-                self._peak_mem[device], self._peak_mem_snap[device] = snap["Total"], dict(snap)
+        # Only `dynamic`: MemTracker's own per-module peak snapshots cost most of a CPU step's time.
         if self._in_opt:
             return
         parents = self._mod_tracker.parents

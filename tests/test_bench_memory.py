@@ -42,7 +42,7 @@ def test_static_bytes_per_option():
 
 def test_flash_backward_workspace_rounds_tokens_up_to_128():
     # Kontext batch 1: 512 text + 2 x 4096 image tokens = 8704 = 68 x 128; dq_accum + softmax_d, float32
-    assert memory.flash_backward_bytes(1, 8704) == 4 * 8704 * 24 * (128 + 1) == 107_782_144
+    assert memory.flash_backward_bytes(1, 8704) == 4 * 8704 * 24 * (128 + 1) == 107_790_336
     assert memory.flash_backward_bytes(2, 8705) == 4 * 2 * 8832 * 24 * 129
 
 
@@ -98,7 +98,18 @@ def test_cuda_autocast_norms_run_layer_norm_in_float32_under_cpu_autocast():
     assert model[1](x.bfloat16()).dtype == torch.bfloat16  # outside autocast the hook changes nothing
 
 
-def test_options_are_checked_by_the_command_line():
+def test_one_option_per_gpu_process(monkeypatch, capsys):
+    """`--device cuda --cases 0 --options fp8 --batch_sizes 1` measures fp8 alone; main returns an exit status."""
+    calls = []
+
+    def measure(cases, batches, options, root):  # stands in for the GPU: what would be measured, and one cell
+        calls.append(([case.name for case in cases], batches, options))
+        return [dict(case=cases[0].name, checkpointing=True, batch=1, option="fp8", gib=16.4, how="measured")]
+
+    monkeypatch.setattr(memory, "_cuda_rows", measure)
+    assert memory.main(["--device", "cuda", "--cases", "0", "--options", "fp8", "--batch_sizes", "1"]) == 0
+    assert calls == [(["FLUX.1 Kontext"], [1], ["fp8"])]
+    assert "| FLUX.1 Kontext | on | 1 | 16.4 |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as raised:
         memory.rows(["--device", "cuda", "--options", "fp16"])
     assert raised.value.code == 2
