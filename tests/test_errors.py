@@ -198,5 +198,7 @@ def test_ctrl_c_during_a_checkpoint_says_how_to_resume_and_leaves_no_partial_che
     command = shlex.split(line.removeprefix(expected))
     assert command == ["accelerate", "launch", "train_flux_kontext.py", *argv, "--resume_from_checkpoint", "latest"]
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    (out / ".checkpoint-9.tmp").mkdir()  # as a SIGKILL during a save leaves it: the next start removes it
     h.train_inprocess(MODEL, command[3:])
+    assert not (out / ".checkpoint-9.tmp").exists()
     assert [r["step"] for r in h.metrics(out)] == [1, 2, 3] and (out / "pytorch_lora_weights.safetensors").is_file()
