@@ -1,7 +1,8 @@
 """Training checkpoints: `accelerator.save_state` into `checkpoint-<step>`, written atomically and rotated.
 
 A checkpoint is written to a hidden temporary folder and renamed once every process has finished writing, so
-`--resume_from_checkpoint latest` never picks a checkpoint cut short by a crash or SIGKILL.
+`--resume_from_checkpoint latest` never picks a checkpoint cut short by a crash or SIGKILL. Ctrl-C removes the
+temporary folder at once; one a SIGKILL left is removed when the next run into the folder starts.
 
 Loading a checkpoint never unpickles: the LoRA is safetensors (the trainer's load hook), the loop's own state (step,
 sampler position, LR schedule) is JSON, and accelerate's optimizer and RNG files are read with `weights_only=True`,
@@ -63,6 +64,16 @@ def resolve_resume(output_dir: str | os.PathLike, resume_from_checkpoint: str | 
     return path
 
 
+def remove_partial_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the `.checkpoint-N.tmp` folders a killed run left in `output_dir` (never resumable: unfinished);
+    returns them."""
+    folder = Path(output_dir)
+    partial = sorted(folder.glob(".checkpoint-*.tmp")) if folder.is_dir() else []
+    for path in partial:
+        shutil.rmtree(path, ignore_errors=True)
+    return partial
+
+
 def save_checkpoint(
     accelerator: Accelerator,
     output_dir: str | os.PathLike,
@@ -93,6 +104,10 @@ def save_checkpoint(
             (tmp / STATE_FILE).write_text(json.dumps(state))
     except (OSError, RuntimeError) as caught:
         error = caught
+    except KeyboardInterrupt:  # Ctrl-C stops the run (common.training): leave no partial checkpoint behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     errors = [e for e in gather_object([None if error is None else f"{type(error).__name__}: {error}"]) if e]
     if not errors and accelerator.is_main_process:
         try:

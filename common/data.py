@@ -633,9 +633,7 @@ def _over_background(image: PIL.Image.Image) -> PIL.Image.Image | None:
     return PIL.Image.alpha_composite(PIL.Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
 
 
-def load_rgb(
-    source: ImageSource, *, row: EditRow, what: str, composited: list[str] | None = None
-) -> PIL.Image.Image:
+def load_rgb(source: ImageSource, *, row: EditRow, what: str, composited: list[str] | None = None) -> PIL.Image.Image:
     """RGB, EXIF-transposed image of row.sources[what], transparent pixels over BACKGROUND (then `what` is appended
     to `composited`); raises BadSampleError naming the row and file."""
     image = _open(source, row, what)

@@ -2,8 +2,9 @@
 
 A `UserError` is a mistake the user can fix (a flag out of range, a missing file, a bad row, a cache built with
 other settings): the scripts' entry point (`run_script`) prints its message as one line and exits with status 2,
-without a traceback. Anything else is a bug and keeps its traceback. Under `accelerate launch`, accelerate itself
-adds a `CalledProcessError` traceback for any failed child; `accelerate launch -q` hides it.
+without a traceback. Ctrl-C is one line too (`Interrupted`: where training stopped, how to resume), status 130.
+Anything else is a bug and keeps its traceback. Under `accelerate launch`, accelerate itself adds a
+`CalledProcessError` traceback for any failed child; `accelerate launch -q` hides it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: what a shell reports for a program stopped by Ctrl-C
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -35,15 +37,25 @@ class UserError(ValueError):
     """A mistake in the user's flags, files or data; its message names the flag, file or row and how to fix it."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while training; the message says where the run stopped and how to resume it."""
+
+
 def run_script(main: Callable[[], T]) -> T:
-    """Run a script's main: a UserError becomes one line on stderr and exit status 2; other errors propagate."""
+    """Run a script's main: a UserError becomes one line on stderr and exit status 2, Ctrl-C one line (on rank 0)
+    and status 130, without a traceback; other errors propagate."""
+    rank = int(os.environ.get("RANK", "0"))
     try:
         return main()
     except UserError as error:
-        rank = int(os.environ.get("RANK", "0"))
         prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{prefix}error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt as interrupt:  # every rank gets the terminal's SIGINT: rank 0 speaks for all
+        if rank == 0:
+            said = str(interrupt) if isinstance(interrupt, Interrupted) else "(Ctrl-C)"
+            print(f"\ninterrupted: {said}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def configure_logging(quiet: bool = False) -> None:

@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -31,15 +34,15 @@ from tqdm.auto import tqdm
 
 from common.base_weights import is_placed_by_hooks, load_transformer, place_base_weights
 from common.batch import NoisyBatch, pack_latents
-from common.checkpoints import checkpoints, load_checkpoint, save_checkpoint, step_of
+from common.checkpoints import checkpoints, load_checkpoint, remove_partial_checkpoints, save_checkpoint, step_of
 from common.cli import checkpoint_model, public_config
 from common.comfyui import save_comfyui_lora
-from common.errors import UserError, configure_logging
+from common.errors import Interrupted, UserError, configure_logging
 from common.flow_matching import noisy_and_target, sample_generator, sample_sigma
 from common.hub import create_hub_repo, push_outputs
 from common.lora import COMFYUI_FILE, LORA_FILE, add_lora, load_lora, save_lora, save_lora_state
 from common.loss import edit_mask_weights, masked_mse_loss
-from common.model_card import CARD_FILE, model_card, write_model_card
+from common.model_card import CARD_FILE, command_line, model_card, write_model_card
 from common.models import EditModel
 from common.padding import pad_sequences, padding_ratio
 from common.plots import CURVES_FILE, save_training_curves
@@ -301,6 +304,7 @@ def _train(args: argparse.Namespace, model: EditModel) -> Path:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_run(output_dir, run)
+        remove_partial_checkpoints(output_dir)  # what a SIGKILL cut short
         (output_dir / CONFIG_FILE).write_text(json.dumps(public_config(args), indent=2, default=str))
     logger.info(f"configuration: {_summary(args, model, accelerator)}", main_process_only=True)
     set_seed(args.seed)
@@ -368,6 +372,7 @@ def _train(args: argparse.Namespace, model: EditModel) -> Path:
 
     metrics = _Metrics(accelerator, args, state.step)
     batches = micro_batches(loader, state)
+    previous_handler = _stop_on_interrupt(args, model, state)
     while state.step < args.max_train_steps:
         started = time.perf_counter()
         step_batches = [next(batches) for _ in range(args.gradient_accumulation_steps)]
@@ -416,7 +421,47 @@ def _train(args: argparse.Namespace, model: EditModel) -> Path:
         logger.info(f"LoRA weights written to {lora_file}", main_process_only=True)
         _finish_outputs(args, model, data, accelerator)
     accelerator.end_training()
+    if previous_handler is not None:
+        signal.signal(signal.SIGINT, previous_handler)
     return lora_file
+
+
+def resume_command(args: argparse.Namespace, model: EditModel) -> str:
+    """The run's launch command with `--resume_from_checkpoint latest` in place of any resume flag it had."""
+    words, given = shlex.split(command_line(args, model)), []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--resume_from_checkpoint":
+            skip = True
+        elif not word.startswith("--resume_from_checkpoint="):
+            given.append(word)
+    return shlex.join([*given, "--resume_from_checkpoint", "latest"])
+
+
+def _stop_on_interrupt(args: argparse.Namespace, model: EditModel, state: TrainState) -> Callable | None:
+    """Ctrl-C (SIGINT) stops training at once with `Interrupted`: the step reached, the last complete checkpoint and
+    the command that resumes from it (no new checkpoint: the interrupt may land inside an optimizer step, and a
+    checkpoint of a large run takes minutes, during which a second Ctrl-C is likely). Returns the handler replaced."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: object) -> None:
+        kept = checkpoints(args.output_dir)
+        where = f"at step {state.step} of {args.max_train_steps}"
+        if args.demo:
+            raise Interrupted(f"{where}; the demo starts afresh in a new folder when run again")
+        if not kept:
+            raise Interrupted(
+                f"{where}, before the first checkpoint (--checkpointing_steps {args.checkpointing_steps}): nothing "
+                "to resume; start again with a new --output_dir"
+            )
+        raise Interrupted(
+            f"{where}; the last complete checkpoint is {kept[-1]}; resume with: {resume_command(args, model)}"
+        )
+
+    return signal.signal(signal.SIGINT, interrupt)
 
 
 def _finish_outputs(args: argparse.Namespace, model: EditModel, data: TrainingData, accelerator: Accelerator) -> None:

@@ -90,11 +90,9 @@ class DataReport:
     def log_composited(self) -> None:
         """One WARNING naming the images whose transparent pixels were composited over white (main process)."""
         if self.composited and PartialState().is_main_process:
-            named = ", ".join(self.composited[:_LISTED])
-            more = f" and {len(self.composited) - _LISTED} more" if len(self.composited) > _LISTED else ""
             logger.warning(
                 f"{len(self.composited)} image(s) have transparent pixels, trained as composited over white (your "
-                f"files are unchanged; composite them over white at inference too): {named}{more}"
+                f"files are unchanged; composite them over white at inference too): {_named(self.composited)}"
             )
 
     def require_rows(self, where: str) -> None:

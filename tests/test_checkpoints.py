@@ -6,7 +6,15 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from common.checkpoints import check_loadable, checkpoints, load_checkpoint, resolve_resume, save_checkpoint, step_of
+from common.checkpoints import (
+    check_loadable,
+    checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+    step_of,
+)
 from common.errors import UserError
 
 
@@ -120,3 +128,12 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_training_goes_on(tmp_p
     monkeypatch.setattr(accelerator, "save_state", save_state)
     assert save_checkpoint(accelerator, tmp_path, 3, total_limit=1, run=run) == tmp_path / "checkpoint-3"
     assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-3"]
+
+
+def test_partial_checkpoints_a_kill_left_are_removed(tmp_path):
+    for name in ("checkpoint-2", ".checkpoint-4.tmp", ".checkpoint-6.tmp"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x")
+    assert remove_partial_checkpoints(tmp_path) == [tmp_path / ".checkpoint-4.tmp", tmp_path / ".checkpoint-6.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert remove_partial_checkpoints(tmp_path / "absent") == []

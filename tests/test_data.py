@@ -633,7 +633,7 @@ def test_crops_are_measured_per_image():
     assert prepare_sample(_row(_image(64, 48, 0)), "flux_kontext", policy).cropped == 0.0
 
 
-def test_transparent_pixels_are_composited_over_white_and_the_rows_named(tmp_path):
+def test_transparent_pixels_are_composited_over_white_and_the_rows_named(tmp_path, caplog):
     """RGBA, LA and P-with-transparency images are composited over white (BACKGROUND), not stripped of their alpha
     (which trained the colours hidden under transparent pixels); the user's files are unchanged; opaque RGBA is as
     RGB; the data summary names the rows."""
@@ -681,6 +681,11 @@ def test_transparent_pixels_are_composited_over_white_and_the_rows_named(tmp_pat
     _, report = validate_rows(rows, "flux_kontext", get_model("flux_kontext").policy(target_area=32 * 32),
                               skip_bad_samples=False)  # fmt: skip
     assert report.composited == ["t (image)", "c (control_0)"]
+    with caplog.at_level("INFO", logger="common.validate"):
+        report.log("dataset d")
+    (warning,) = [r.getMessage() for r in caplog.records if "transparent" in r.getMessage()]
+    assert warning.startswith("2 image(s) have transparent pixels, trained as composited over white")
+    assert warning.endswith(": t (image), c (control_0)")
 
 
 def test_rows_without_control_among_rows_with_one_are_refused_unless_allowed(tmp_path):

@@ -219,3 +219,44 @@ def test_a_forgotten_control_image_is_refused_naming_the_rows(setup, tmp_path):
     assert f"dataset {data}: 1 of 4 rows have no control image while the others have one: 002" in error
     assert "--allow_target_only" in error
     assert not (tmp_path / "c").exists()
+
+
+# Runs a script as __main__ and sends itself a real SIGINT (Ctrl-C) when it opens a file whose path contains
+# INTERRUPT_AT: there, inside the checkpoint's plot save, where an interrupt used to print a 58-line double traceback.
+INTERRUPTING = """
+import os, runpy, signal, sys
+where = os.environ["INTERRUPT_AT"]
+def hook(event, args):
+    if event == "open" and isinstance(args[0], (str, os.PathLike)) and where in os.fsdecode(args[0]):
+        os.kill(os.getpid(), signal.SIGINT)
+sys.addaudithook(hook)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_during_a_checkpoint_says_how_to_resume_and_leaves_no_partial_checkpoint(setup):
+    """A SIGINT while checkpoint-2 is being written: exit 130, no traceback, one line naming the step, the last
+    complete checkpoint and the exact resume command; no .checkpoint-2.tmp left. The printed command resumes."""
+    import shlex
+
+    root, _, flags = setup
+    out = root / "interrupted"
+    argv = [*flags, *h.train_flags(out, "--max_train_steps", "3", "--checkpointing_steps", "1")]
+    env = {**h.ENV, "PYTHONPATH": str(h.ROOT), "INTERRUPT_AT": ".checkpoint-2.tmp/.training_curves"}
+    script = str(h.ROOT / "train_flux_kontext.py")
+    result = subprocess.run(
+        [sys.executable, "-c", INTERRUPTING, script, *argv], cwd=h.ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("interrupted: ")]
+    expected = f"interrupted: at step 2 of 3; the last complete checkpoint is {out / 'checkpoint-1'}; resume with: "
+    assert line.startswith(expected), line
+    command = shlex.split(line.removeprefix(expected))
+    assert command == ["accelerate", "launch", "train_flux_kontext.py", *argv, "--resume_from_checkpoint", "latest"]
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    (out / ".checkpoint-9.tmp").mkdir()  # as a SIGKILL during a save leaves it: the next start removes it
+    h.train_inprocess(MODEL, command[3:])
+    assert not (out / ".checkpoint-9.tmp").exists()
+    assert [r["step"] for r in h.metrics(out)] == [1, 2, 3] and (out / "pytorch_lora_weights.safetensors").is_file()
