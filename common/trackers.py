@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from common.errors import UserError
@@ -37,5 +38,6 @@ def check_wandb_login(report_to: str) -> None:
 
 
 def tracker_init_kwargs(output_dir: str | Path) -> dict[str, dict]:
-    """`init_trackers` keyword arguments that put W&B's run files under `output_dir`, not the current folder."""
-    return {"wandb": {"dir": str(output_dir)}}
+    """`init_trackers` keyword arguments that put W&B's run files under `output_dir`, not the current folder (a
+    WANDB_DIR the user set still wins)."""
+    return {} if os.environ.get("WANDB_DIR") else {"wandb": {"dir": str(output_dir)}}

@@ -80,7 +80,8 @@ def test_used_output_dir_is_refused_untouched_and_latest_resumes_the_same_run(se
     root, checkpoint, flags = setup
     out = root / "out"
     argv = [*flags, *h.train_flags(out, "--max_train_steps", "2", "--checkpointing_steps", "1")]
-    status, lines = audited_run(checkpoint, [*argv, "--report_to", "wandb"])
+    env = {k: v for k, v in h.ENV.items() if k != "WANDB_DIR"}  # W&B's default place: the output folder
+    status, lines = audited_run(checkpoint, [*argv, "--report_to", "wandb"], env=env)
     assert status == 0, "\n".join(lines[-30:])
     assert any(line.startswith("AUDIT-OPEN") for line in lines), "the hook must see the model files being read"
     info = [line for line in lines if line.startswith("INFO ")]
