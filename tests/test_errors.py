@@ -205,21 +205,25 @@ def test_wandb_without_login_is_one_line_before_anything_loads(setup, tmp_path):
     assert not (root / "never").exists() and not list(tmp_path.iterdir())
 
 
-def test_a_forgotten_control_image_is_refused_naming_the_rows(setup, tmp_path):
+def test_a_forgotten_control_image_is_refused_naming_the_rows(setup, tmp_path, capsys):
     """Folder layout: a missing stem_control.png made a silent target-only row; with other rows holding controls it
-    is refused in one line naming the row and the flag that allows it, before any model file or cache is touched."""
+    is refused in one line (status 2) naming the row and the flag that allows it, before the encoders load or the
+    cache is written. In-process through the scripts' `run_script`: the subprocess cases above cover its output."""
+    import precompute_cache
+    from common.errors import EXIT_USER_ERROR, run_script
+
     _, checkpoint, _ = setup
     data = h.dataset(tmp_path, MODEL, rows=4)  # every row has one control
     (data / "002_control.png").unlink()
     flags = [flag for flag in h.data_flags(MODEL, checkpoint, data) if flag != "--allow_target_only"]
-    status, lines = audited_run(
-        checkpoint, ["--model", MODEL, *flags, "--cache_dir", str(tmp_path / "c")], "precompute_cache.py"
-    )
-    assert status == 2
-    error = user_error_lines(lines)
-    assert f"dataset {data}: 1 of 4 rows have no control image while the others have one: 002" in error
+    argv = ["--model", MODEL, *flags, "--cache_dir", str(tmp_path / "c")]
+    with pytest.raises(SystemExit) as exit_status:
+        run_script(lambda: precompute_cache.main(precompute_cache.parse_args(argv)))
+    assert exit_status.value.code == EXIT_USER_ERROR
+    (error,) = capsys.readouterr().err.splitlines()
+    assert error.startswith(f"error: dataset {data}: 1 of 4 rows have no control image while the others have one: 002;")
     assert "--allow_target_only" in error
-    assert not (tmp_path / "c").exists()
+    assert not (tmp_path / "c").exists()  # refused before the cache (and the encoders that would fill it)
 
 
 # Runs a script as __main__ and sends itself a real SIGINT (Ctrl-C) when it opens a file whose path contains
