@@ -39,5 +39,6 @@ def check_wandb_login(report_to: str) -> None:
 
 def tracker_init_kwargs(output_dir: str | Path) -> dict[str, dict]:
     """`init_trackers` keyword arguments that put W&B's run files under `output_dir`, not the current folder (a
-    WANDB_DIR the user set still wins)."""
-    return {} if os.environ.get("WANDB_DIR") else {"wandb": {"dir": str(output_dir)}}
+    WANDB_DIR the user set still wins). Always passed explicitly: W&B reads its environment once per process, when
+    its session starts (the login check may have started it), so a WANDB_DIR set later would be ignored."""
+    return {"wandb": {"dir": os.environ.get("WANDB_DIR") or str(output_dir)}}

@@ -116,8 +116,8 @@ def test_a_new_model_is_one_description(tmp_path, monkeypatch):
     rows = load_cache(cache)
     shapes = [tuple(s) for r in rows for s in r["img_shapes"]]
     assert all(h * 16 % 32 == 0 and w * 16 % 32 == 0 for _, h, w in shapes)  # 32 px multiples, not Kontext's 16
-    kontext = resolution_policy(argparse_namespace(flags[4:]), FLUX_KONTEXT)
-    ours = resolution_policy(argparse_namespace(flags[4:]), model)
+    kontext = resolution_policy(argparse_namespace(flags[4:], checkpoint), FLUX_KONTEXT)
+    ours = resolution_policy(argparse_namespace(flags[4:], checkpoint), model)
     demo_sizes = [(384, 256), (320, 192), (448, 192)]
     assert any(kontext.plan(*s).size != ours.plan(*s).size for s in demo_sizes)
 
@@ -130,9 +130,10 @@ def test_a_new_model_is_one_description(tmp_path, monkeypatch):
     assert lora_file.exists()
 
 
-def argparse_namespace(flags: list[str]):
-    """The data flags of `flags` parsed as precompute_cache.py parses them."""
-    required = ["--pretrained_model_name_or_path", "org/model", "--dataset", "d", "--cache_dir", "c"]  # a hub name
+def argparse_namespace(flags: list[str], kontext_checkpoint: Path):
+    """The data flags of `flags` parsed as precompute_cache.py parses them (it reads the checkpoint's
+    model_index.json, so a FLUX.1 Kontext checkpoint folder is named)."""
+    required = ["--pretrained_model_name_or_path", str(kontext_checkpoint), "--dataset", "d", "--cache_dir", "c"]
     return precompute_cache.parse_args(["--model", "flux_kontext", *required, *flags])
 
 
@@ -179,8 +180,9 @@ def test_pipeline_control_resolution_matches_the_pipeline(tmp_path, tiny_checkpo
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     pipe = description.pipeline_class.from_pretrained(tiny_checkpoint(model))
     expected = _pipeline_reference_inputs(pipe, images)
+    kontext = tiny_checkpoint("flux_kontext")
 
-    args = argparse_namespace(["--target_area", "64*64", "--control_resolution", "pipeline"])
+    args = argparse_namespace(["--target_area", "64*64", "--control_resolution", "pipeline"], kontext)
     row = EditRow(0, "s0", images[0], tuple(images), "make it red", None, {})
     prepared = prepare_sample(row, model, resolution_policy(args, model))
     target_w, target_h = description.policy(target_area=64 * 64).plan(*sizes[0]).size
@@ -189,12 +191,15 @@ def test_pipeline_control_resolution_matches_the_pipeline(tmp_path, tiny_checkpo
         assert control.shape == reference.shape[1:], (w, h)
         assert torch.equal(control, reference[0])
     # The default keeps today's behaviour: references sized like targets.
-    default = prepare_sample(row, model, resolution_policy(argparse_namespace(["--target_area", "64*64"]), model))
+    default = prepare_sample(
+        row, model, resolution_policy(argparse_namespace(["--target_area", "64*64"], kontext), model)
+    )
     assert all(c.numel() < e.numel() for c, e in zip(default.controls, expected, strict=True))
 
 
-def test_control_resolution_area_fixes_the_reference_area():
-    args = argparse_namespace(["--target_area", "64*64", "--control_resolution", "256*256"])
+def test_control_resolution_area_fixes_the_reference_area(tiny_checkpoint):
+    kontext = tiny_checkpoint("flux_kontext")
+    args = argparse_namespace(["--target_area", "64*64", "--control_resolution", "256*256"], kontext)
     for name in MODELS:
         model = get_model(name)
         policy = resolution_policy(args, model)
@@ -202,7 +207,7 @@ def test_control_resolution_area_fixes_the_reference_area():
         assert plan.size == model.policy(target_area=256 * 256).plan(1000, 500).size
         assert policy.plan(1000, 500).size == model.policy(target_area=64 * 64).plan(1000, 500).size
     with pytest.raises(SystemExit):
-        argparse_namespace(["--control_resolution", "large"])
+        argparse_namespace(["--control_resolution", "large"], kontext)
 
 
 def test_validation_sizes_references_like_training(tmp_path, tiny_checkpoint):
