@@ -97,7 +97,14 @@ def stages(python: str, work: Path) -> list[Stage]:
     """The stages in priority order (what runs first survives a short budget); trainer runs write under `work`."""
     full = ["--device", "cuda", "--batch_size", "2"]
     return [
-        Stage("CUDA tests (pytest -m cuda)", [python, "-m", "pytest", "-m", "cuda", "-q", "-rfEs"], 110, 60),
+        # Without the captured logs of failing tests, the tail holds their tracebacks (the first GPU check's tail
+        # was all captured output and lost the error of its one failing test).
+        Stage(
+            "CUDA tests (pytest -m cuda)",
+            [python, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "--tb=short", "--show-capture=no"],
+            110,
+            80,
+        ),
         *(trainer_stage(python, model, limit, work) for model, limit in TRAINER_MODELS),
         *memory_stages(python),
         Stage(

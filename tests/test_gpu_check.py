@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_stages_in_priority_order_name_modules_and_scripts_of_this_checkout(tmp_path):
     planned = stages(sys.executable, tmp_path)
     assert planned[0].argv[1:5] == ["-m", "pytest", "-m", "cuda"], "the CUDA tests come first"
+    assert {"--tb=short", "--show-capture=no"} <= set(planned[0].argv), "failures' tracebacks, not their logs"
     trainers = planned[1:4]
     assert [s.argv[1:5] for s in trainers] == [["-m", "bench.random_weights", "--write", m] for m, _ in TRAINER_MODELS]
     assert [m for m, _ in TRAINER_MODELS] == ["flux_kontext", "qwen_edit_plus", "flux2_klein"]
