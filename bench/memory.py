@@ -6,8 +6,9 @@ the prompt plus the Qwen2.5-VL tokens of the 384x384 condition images), target 1
 each reference the same; batch 1 and 4; gradient checkpointing on and off; LoRA rank 16 on the trainers' default
 targets, LoRA weights and AdamW states float32, base bfloat16 under bf16 autocast (the trainers'
 `--mixed_precision bf16`). Random weights (memory does not depend on their values). Each case loads the base through
-the trainers' own path (`common.base_weights.load_transformer` + `add_lora` + `place_base_weights`) from a checkpoint
-written once.
+the trainers' own path (`common.base_weights.load_transformer` + `add_lora` + `place_base_weights`): on CPU from a
+small checkpoint written once, on CUDA from a folder holding only the config, whose random weights
+`bench.random_weights` builds on the GPU at load (no 24-41 GB checkpoint written per process).
 
 On CUDA (`--device cuda`): every option runs at full size and the cell is torch.cuda.max_memory_allocated. Measure
 ONE option per process (`--options fp8`): memory of an earlier model was seen not to come back within one process.
@@ -48,17 +49,18 @@ import argparse
 import gc
 import itertools
 import math
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _ModState
 
+from bench.random_weights import random_weights
 from common.base_weights import blocks, load_transformer, place_base_weights
 from common.flux import image_ids
 from common.lora import add_lora
@@ -220,7 +222,9 @@ def step_peak(
     dtype: torch.dtype = torch.bfloat16,
 ) -> int:
     """Peak CUDA allocator bytes of a steady-state LoRA step (the second: AdamW states exist from the first on)
-    with `option`, base weights in `dtype`, with bf16 autocast unless that is float32."""
+    with `option`, base weights in `dtype`, with bf16 autocast unless that is float32. An earlier model's memory is
+    collected first (diffusers' hooks form reference cycles that only the garbage collector frees)."""
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     _, _, step = _train_step(model, checkpoint, option, checkpointing, inputs, device, dtype)
@@ -420,17 +424,17 @@ def _cuda_rows(cases: list[Case], batches: list[int], options: list[str], root: 
     out = []
     for case in cases:
         checkpoint = root / case.model
-        if not checkpoint.exists():
-            for other in root.iterdir():  # one full-size checkpoint on disk at a time (FLUX 24 GB, Qwen 41 GB)
-                shutil.rmtree(other)
-            real_transformer(case.model, case.blocks, torch.bfloat16).save_pretrained(checkpoint / "transformer")
+        if not checkpoint.exists():  # its config only: `random_weights` builds the weights on the GPU at load
+            with init_empty_weights():
+                real_transformer(case.model, case.blocks, torch.bfloat16).save_config(checkpoint / "transformer")
         for checkpointing, batch, option in itertools.product((True, False), batches, options):
             inputs = model_inputs(
                 case.model, batch, case.references, torch.Generator().manual_seed(0), text=case.text, device=device,
                 dtype=torch.bfloat16,
             )  # fmt: skip
             try:
-                peak = step_peak(case.model, checkpoint, option, checkpointing, inputs, device) / GIB
+                with random_weights():
+                    peak = step_peak(case.model, checkpoint, option, checkpointing, inputs, device) / GIB
             except torch.OutOfMemoryError:
                 peak = math.inf
             out.append(dict(case=case.name, checkpointing=checkpointing, batch=batch, option=option, gib=peak,
