@@ -276,8 +276,14 @@ def _summary(args: argparse.Namespace, model: EditModel, accelerator: Accelerato
 def train(args: argparse.Namespace, model: EditModel) -> Path:
     """Train a LoRA for `model` as the parsed flags say; returns the path of the saved LoRA weights. Every attention
     call of the run (on-the-fly encoding, training steps, validation) may use the --sdpa_kernels only."""
-    with sdpa_kernels(args.sdpa_kernels):
-        return _train(args, model)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        with sdpa_kernels(args.sdpa_kernels):
+            return _train(args, model)
+    finally:  # the Ctrl-C handler of the training loop (`_stop_on_interrupt`) ends with the run, however it ends
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _train(args: argparse.Namespace, model: EditModel) -> Path:
@@ -372,7 +378,7 @@ def _train(args: argparse.Namespace, model: EditModel) -> Path:
 
     metrics = _Metrics(accelerator, args, state.step)
     batches = micro_batches(loader, state)
-    previous_handler = _stop_on_interrupt(args, model, state)
+    _stop_on_interrupt(args, model, state)
     while state.step < args.max_train_steps:
         started = time.perf_counter()
         step_batches = [next(batches) for _ in range(args.gradient_accumulation_steps)]
@@ -421,8 +427,6 @@ def _train(args: argparse.Namespace, model: EditModel) -> Path:
         logger.info(f"LoRA weights written to {lora_file}", main_process_only=True)
         _finish_outputs(args, model, data, accelerator)
     accelerator.end_training()
-    if previous_handler is not None:
-        signal.signal(signal.SIGINT, previous_handler)
     return lora_file
 
 
@@ -440,12 +444,13 @@ def resume_command(args: argparse.Namespace, model: EditModel) -> str:
     return shlex.join([*given, "--resume_from_checkpoint", "latest"])
 
 
-def _stop_on_interrupt(args: argparse.Namespace, model: EditModel, state: TrainState) -> Callable | None:
+def _stop_on_interrupt(args: argparse.Namespace, model: EditModel, state: TrainState) -> None:
     """Ctrl-C (SIGINT) stops training at once with `Interrupted`: the step reached, the last complete checkpoint and
     the command that resumes from it (no new checkpoint: the interrupt may land inside an optimizer step, and a
-    checkpoint of a large run takes minutes, during which a second Ctrl-C is likely). Returns the handler replaced."""
+    checkpoint of a large run takes minutes, during which a second Ctrl-C is likely). `train` restores the handler
+    it replaces."""
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return
 
     def interrupt(signum: int, frame: object) -> None:
         kept = checkpoints(args.output_dir)
@@ -461,7 +466,7 @@ def _stop_on_interrupt(args: argparse.Namespace, model: EditModel, state: TrainS
             f"{where}; the last complete checkpoint is {kept[-1]}; resume with: {resume_command(args, model)}"
         )
 
-    return signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def _finish_outputs(args: argparse.Namespace, model: EditModel, data: TrainingData, accelerator: Accelerator) -> None:
