@@ -11,6 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers.training_utils import cast_training_params  # noqa: E402
 from peft import LoraConfig  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 from common.sdpa import sdpa_kernels  # noqa: E402
 from common.tiny import write_tiny  # noqa: E402
@@ -32,6 +34,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+class OneDevice(TorchDispatchMode):
+    """Refuse any op whose tensor arguments (0-d scalars aside) sit on more than one device: with `meta` as the compute
+    device, a CPU test then catches the CPU/GPU mixing that only a GPU run would otherwise show."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        devices = {t.device for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if len(devices) > 1:
+            raise RuntimeError(f"{func} mixes tensors on {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
 
 
 def reduce_base(transformer: torch.nn.Module, option: str) -> None:

@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 import torch
 import trainer_harness as harness
-from conftest import randomize_lora
+from conftest import OneDevice, randomize_lora
 from diffusers import DiffusionPipeline, FluxKontextPipeline, QwenImageEditPlusPipeline
 from diffusers.models.attention import AttentionModuleMixin
 from diffusers.models.attention_processor import Attention
@@ -103,6 +103,29 @@ def _check_equal(latents: torch.Tensor, image: PIL.Image.Image, stock: tuple[tor
     assert np.abs(np.asarray(image, dtype=int) - np.asarray(stock_image, dtype=int)).max() <= 1
 
 
+def _check_computes_on_the_device_alone(
+    validation: Validation, transformer: torch.nn.Module, args: argparse.Namespace
+) -> None:
+    """Denoising and decoding with `meta` as the compute device never touch a CPU tensor (0-d scalars aside): FLUX.2's
+    decode once unpacked GPU latents with CPU ids and failed on the first GPU only. Moves everything to meta."""
+    meta = torch.device("meta")
+    validation.device = meta
+    validation.vae.to(meta)
+    for sample in validation.samples:
+        sample.prompt_embeds = sample.prompt_embeds.to(meta)
+        if sample.pooled_prompt_embeds is not None:
+            sample.pooled_prompt_embeds = sample.pooled_prompt_embeds.to(meta)
+        sample.references = [r.to(meta) for r in sample.references]
+    with OneDevice():
+        latents = validation.denoise(transformer.to(meta), args)
+        pixels = [
+            validation.model.decode_latents(validation.vae, x, s.height, s.width, validation.vae_scale_factor)
+            for x, s in zip(latents, validation.samples, strict=True)
+        ]
+    assert {p.device for p in pixels} == {meta}
+    assert [tuple(p.shape) for p in pixels] == [(1, 3, s.height, s.width) for s in validation.samples]
+
+
 def test_flux_kontext_batch_equals_stock_pipeline_per_sample(tiny_checkpoint: Any, tmp_path: Path) -> None:
     checkpoint = tiny_checkpoint("flux_kontext")
     # (w, h) the policy keeps as they are (64*64 area for the small ones, 128*128 for 160x96), so the pipeline,
@@ -138,6 +161,7 @@ def test_flux_kontext_batch_equals_stock_pipeline_per_sample(tiny_checkpoint: An
             max_sequence_length=32,
         )  # fmt: skip
         _check_equal(latents[k], rendered[k], stock)
+    _check_computes_on_the_device_alone(validation, transformer, args)
 
 
 @pytest.mark.parametrize("kit", ["qwen_edit_plus", "qwen_edit_2511"])  # 2511: references modulated with t = 0
@@ -172,6 +196,7 @@ def test_qwen_edit_plus_batch_equals_stock_pipeline_per_sample(
         image = [PIL.Image.open(path) for path in entry.split(",")]
         stock = _stock(pipe, k, image=image, height=h, width=w, true_cfg_scale=1.0)
         _check_equal(latents[k], rendered[k], stock)
+    _check_computes_on_the_device_alone(validation, transformer, args)
 
 
 @pytest.mark.parametrize("kit", ["flux2_klein", "flux2_dev"])
@@ -209,6 +234,7 @@ def test_flux2_batch_equals_stock_pipeline_per_sample(kit: str, tiny_checkpoint:
         image = [PIL.Image.open(path) for path in entry.split(",")]
         stock = _stock(pipe, k, image=image, height=h, width=w, guidance_scale=guidance, max_sequence_length=32)
         _check_equal(latents[k], rendered[k], stock)
+    _check_computes_on_the_device_alone(validation, transformer, args)
 
 
 def test_validation_rows_check_the_reference_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

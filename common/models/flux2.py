@@ -139,7 +139,10 @@ def encode_image(pipe: Flux2KleinPipeline | Flux2Pipeline, image: Tensor) -> Ten
 def decode_latents(vae: nn.Module, packed: Tensor, height: int, width: int, vae_scale_factor: int) -> Tensor:
     """Pixels of packed latents, with the pipelines' unpacking, batch-norm de-normalisation and un-patchifying."""
     rows, cols = height // (vae_scale_factor * 2), width // (vae_scale_factor * 2)
-    latents = Flux2Pipeline._unpack_latents_with_ids(packed[None], flux2.image_ids(rows, cols)[None])
+    # [klein]'s unpacking (the same scatter as [dev]'s) takes the grid size, so it needs no device sync; the ids go
+    # where the latents are.
+    ids = flux2.image_ids(rows, cols)[None].to(packed.device)
+    latents = Flux2KleinPipeline._unpack_latents_with_ids(packed[None], ids, rows, cols)
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device, latents.dtype)
     latents = Flux2Pipeline._unpatchify_latents(latents * std + mean)
