@@ -39,7 +39,7 @@ Options derived from the static part (the dynamic part is the same):
             counting bitsandbytes' dequantization buffers
 
     python -m bench.memory                       # CPU estimate, every case; prints the table
-    python -m bench.memory --device cuda --cases 0 --options fp8 --batch_sizes 1   # one measured cell
+    python -m bench.memory --device cuda --cases 0 --options fp8 --batch_sizes 1 --checkpointing on   # one cell
 `rows(argv)` returns the table as dicts; `main(argv)` prints it and returns the exit status.
 """
 
@@ -50,6 +50,7 @@ import gc
 import itertools
 import math
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,17 +221,23 @@ def step_peak(
     inputs: dict,
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
-) -> int:
-    """Peak CUDA allocator bytes of a steady-state LoRA step (the second: AdamW states exist from the first on)
-    with `option`, base weights in `dtype`, with bf16 autocast unless that is float32. An earlier model's memory is
-    collected first (diffusers' hooks form reference cycles that only the garbage collector frees)."""
+) -> tuple[int, float]:
+    """(Peak CUDA allocator bytes of a steady-state LoRA step (the second: AdamW states exist from the first on),
+    seconds of the third step) with `option`, base weights in `dtype`, with bf16 autocast unless that is float32. An
+    earlier model's memory is collected first (diffusers' hooks form reference cycles that only the garbage collector
+    frees)."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     _, _, step = _train_step(model, checkpoint, option, checkpointing, inputs, device, dtype)
     step()
     step()
-    return torch.cuda.max_memory_allocated(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize(device)
+    return peak, time.perf_counter() - start
 
 
 def dynamic_peaks(
@@ -418,8 +425,10 @@ def cpu_fit(model: str, checkpointing: bool, grids: tuple[int, int], root: Path)
     }
 
 
-def _cuda_rows(cases: list[Case], batches: list[int], options: list[str], root: Path) -> list[dict]:
-    """The options measured at full size on the GPU."""
+def _cuda_rows(
+    cases: list[Case], batches: list[int], options: list[str], checkpointing: list[bool], root: Path
+) -> list[dict]:
+    """The options measured at full size on the GPU, with the step time beside each peak."""
     device = torch.device("cuda")
     out = []
     for case in cases:
@@ -427,18 +436,18 @@ def _cuda_rows(cases: list[Case], batches: list[int], options: list[str], root: 
         if not checkpoint.exists():  # its config only: `random_weights` builds the weights on the GPU at load
             with init_empty_weights():
                 real_transformer(case.model, case.blocks, torch.bfloat16).save_config(checkpoint / "transformer")
-        for checkpointing, batch, option in itertools.product((True, False), batches, options):
+        for ckpt, batch, option in itertools.product(checkpointing, batches, options):
             inputs = model_inputs(
                 case.model, batch, case.references, torch.Generator().manual_seed(0), text=case.text, device=device,
                 dtype=torch.bfloat16,
             )  # fmt: skip
             try:
                 with random_weights():
-                    peak = step_peak(case.model, checkpoint, option, checkpointing, inputs, device) / GIB
+                    peak, seconds = step_peak(case.model, checkpoint, option, ckpt, inputs, device)
             except torch.OutOfMemoryError:
-                peak = math.inf
-            out.append(dict(case=case.name, checkpointing=checkpointing, batch=batch, option=option, gib=peak,
-                            how="measured"))  # fmt: skip
+                peak, seconds = math.inf, math.nan
+            out.append(dict(case=case.name, checkpointing=ckpt, batch=batch, option=option, gib=peak / GIB,
+                            seconds=seconds, how="measured"))  # fmt: skip
     return out
 
 
@@ -452,24 +461,24 @@ def _cpu_check(root: Path, grid: int, fit: dict[str, list[float]]) -> None:
               f"{measured / 2**20:.2f} MiB, fit {fitted / 2**20:.2f} MiB")  # fmt: skip
 
 
-def _cpu_rows(cases: list[Case], batches: list[int], options: list[str], root: Path, grids: tuple[int, int]
-              ) -> list[dict]:  # fmt: skip
+def _cpu_rows(cases: list[Case], batches: list[int], options: list[str], checkpointing: list[bool], root: Path,
+              grids: tuple[int, int]) -> list[dict]:  # fmt: skip
     """Every option estimated from the fitted dynamic peaks of `auto` (module doc)."""
     out, fits = [], {}
-    for case, checkpointing in itertools.product(cases, (True, False)):
-        if (case.model, checkpointing) not in fits:
-            fits[case.model, checkpointing] = cpu_fit(case.model, checkpointing, grids, root)
-            if case.model == "flux_kontext" and checkpointing:
-                _cpu_check(root, grids[0], fits[case.model, checkpointing])
+    for case, ckpt in itertools.product(cases, checkpointing):
+        if (case.model, ckpt) not in fits:
+            fits[case.model, ckpt] = cpu_fit(case.model, ckpt, grids, root)
+            if case.model == "flux_kontext" and ckpt:
+                _cpu_check(root, grids[0], fits[case.model, ckpt])
         size = sizes(case.model, case.blocks)
         for batch in batches:
             dynamic = {
                 phase: predict(fit, case.blocks, HEADS, batch * case.tokens)
-                for phase, fit in fits[case.model, checkpointing].items()
+                for phase, fit in fits[case.model, ckpt].items()
             }
             for option in options:
                 peak = estimate(option, size, dynamic, batch, case.tokens, input_bytes(case, batch))
-                out.append(dict(case=case.name, checkpointing=checkpointing, batch=batch, option=option,
+                out.append(dict(case=case.name, checkpointing=ckpt, batch=batch, option=option,
                                 gib=peak / GIB, how="estimated"))  # fmt: skip
     return out
 
@@ -482,13 +491,23 @@ def rows(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--options", nargs="+", default=list(OPTIONS), choices=OPTIONS,
                         help="on CUDA, measure one option per process")  # fmt: skip
     parser.add_argument("--batch_sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--checkpointing", default="both", choices=["on", "off", "both"],
+                        help="gradient checkpointing; on CUDA, measure one setting per process")  # fmt: skip
     parser.add_argument("--grids", nargs=2, type=int, default=[8, 12], help="CPU fit: target grid sizes")
     args = parser.parse_args(argv)
     cases = [CASES[i] for i in args.cases]
+    checkpointing = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         if args.device == "cuda":
-            return _cuda_rows(cases, args.batch_sizes, args.options, Path(tmp))
-        return _cpu_rows(cases, args.batch_sizes, args.options, Path(tmp), tuple(args.grids))
+            return _cuda_rows(cases, args.batch_sizes, args.options, checkpointing, Path(tmp))
+        return _cpu_rows(cases, args.batch_sizes, args.options, checkpointing, Path(tmp), tuple(args.grids))
+
+
+def _cell(row: dict) -> str:
+    """A table cell: GiB, then `*` for an estimate or the measured seconds per step."""
+    if row["how"] == "estimated":
+        return f"{row['gib']:.1f}*"
+    return f"{row['gib']:.1f} ({row['seconds']:.2f} s)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,9 +520,10 @@ def main(argv: list[str] | None = None) -> int:
         table, lambda r: (r["case"], r["checkpointing"], r["batch"])
     ):
         cells = {r["option"]: r for r in group}
-        values = [f"{cells[o]['gib']:.1f}" + ("*" if cells[o]["how"] == "estimated" else "") for o in options]
+        values = [_cell(cells[o]) for o in options]
         print(f"| {case} | {'on' if checkpointing else 'off'} | {batch} | " + " | ".join(values) + " |")
-    print("GiB = 2^30 bytes. * estimated on CPU (bench/memory.py module doc); other cells measured on the GPU.")
+    print("GiB = 2^30 bytes. * estimated on CPU (bench/memory.py module doc); other cells measured on the GPU, with the"
+          " time of a steady-state step.")  # fmt: skip
     return 0
 
 

@@ -99,17 +99,20 @@ def test_cuda_autocast_norms_run_layer_norm_in_float32_under_cpu_autocast():
 
 
 def test_one_option_per_gpu_process(monkeypatch, capsys):
-    """`--device cuda --cases 0 --options fp8 --batch_sizes 1` measures fp8 alone; main returns an exit status."""
+    """`--device cuda --cases 0 --options fp8 --batch_sizes 1 --checkpointing on` measures that one cell, with its
+    step time; main returns an exit status."""
     calls = []
 
-    def measure(cases, batches, options, root):  # stands in for the GPU: what would be measured, and one cell
-        calls.append(([case.name for case in cases], batches, options))
-        return [dict(case=cases[0].name, checkpointing=True, batch=1, option="fp8", gib=16.4, how="measured")]
+    def measure(cases, batches, options, checkpointing, root):  # stands in for the GPU: what would run, one cell
+        calls.append(([case.name for case in cases], batches, options, checkpointing))
+        return [dict(case=cases[0].name, checkpointing=True, batch=1, option="fp8", gib=16.4, seconds=2.09,
+                     how="measured")]  # fmt: skip
 
     monkeypatch.setattr(memory, "_cuda_rows", measure)
-    assert memory.main(["--device", "cuda", "--cases", "0", "--options", "fp8", "--batch_sizes", "1"]) == 0
-    assert calls == [(["FLUX.1 Kontext"], [1], ["fp8"])]
-    assert "| FLUX.1 Kontext | on | 1 | 16.4 |" in capsys.readouterr().out
+    argv = ["--device", "cuda", "--cases", "0", "--options", "fp8", "--batch_sizes", "1", "--checkpointing", "on"]
+    assert memory.main(argv) == 0
+    assert calls == [(["FLUX.1 Kontext"], [1], ["fp8"], [True])]
+    assert "| FLUX.1 Kontext | on | 1 | 16.4 (2.09 s) |" in capsys.readouterr().out
     with pytest.raises(SystemExit) as raised:
         memory.rows(["--device", "cuda", "--options", "fp16"])
     assert raised.value.code == 2

@@ -29,9 +29,12 @@ def test_stages_in_priority_order_name_modules_and_scripts_of_this_checkout(tmp_
     plus = trainers[1].argv
     assert len(plus[plus.index("--validation_images") + 1].split(",")) == 2, "Edit-Plus validates with 2 references"
     memory = planned[4:-2]
-    expected = [(str(i), option) for i in range(len(bench.memory.CASES)) for option in bench.memory.OPTIONS]
-    assert [(s.argv[s.argv.index("--cases") + 1], s.argv[s.argv.index("--options") + 1]) for s in memory] == expected
+    cells = [(int(s.argv[s.argv.index("--cases") + 1]), s.argv[s.argv.index("--options") + 1]) for s in memory]
+    assert cells[:4] == [(0, "fp8"), (0, "fp8+offload"), (1, "fp8+offload"), (2, "fp8+offload")], "targets first"
+    every = {(i, option) for i in range(len(bench.memory.CASES)) for option in bench.memory.OPTIONS}
+    assert len(cells) == len(every) and set(cells) == every
     assert all(s.argv[1:5] == ["-m", "bench.memory", "--device", "cuda"] and "--batch_sizes" in s.argv for s in memory)
+    assert all(s.argv[s.argv.index("--checkpointing") + 1] == "on" for s in memory), "one measurement per process"
     assert [s.argv[2] for s in planned[-2:]] == ["bench.train_step", "bench.compile"]
     for stage in planned:
         assert importlib.util.find_spec(stage.argv[2]) is not None, stage.argv[2]
