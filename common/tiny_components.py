@@ -101,6 +101,18 @@ QWEN_TRANSFORMER = {
     "axes_dims_rope": [8, 4, 4],
     "zero_cond_t": False,
 }
+QWEN21_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "context_in_dim": 32,
+    "mlp_ratio": 3,
+    "axes_dims_rope": [4, 6, 6],
+    "causal_condition": True,
+}
 # Scheduler configs of the real repos (black-forest-labs/FLUX.1-Kontext-dev, Qwen/Qwen-Image-Edit*).
 _FLUX_SCHEDULER = {
     "num_train_timesteps": 1000,
