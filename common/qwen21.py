@@ -169,15 +169,19 @@ def build_layout(
     text_lengths: Sequence[int],
     image_lengths: Sequence[int],
     text_masks: Sequence[Tensor | None],
+    drop_references: Sequence[bool],
     device: torch.device,
 ) -> Qwen21Layout:
     """Each sample's structure as the stock forward derives it for that sample alone (its `img_mask` row, its
-    `img_shapes`), plus the gather index that assembles the padded joint sequence from padded text and image rows."""
+    `img_shapes`), plus the gather index that assembles the padded joint sequence from padded text and image rows.
+    A sample with `drop_references` keeps its condition tokens in place but excludes them as keys."""
     batch = len(img_mask)
     text_max, image_max = max(text_lengths), max(image_lengths)
     zero_row = batch * (text_max + image_max)
     pad_masks, gathers, rotary, segments, key_valid, targets = [], [], [], [], [], []
-    for i, (slots, shapes, text_mask) in enumerate(zip(img_mask, img_shapes, text_masks, strict=True)):
+    for i, (slots, shapes, text_mask, drop) in enumerate(
+        zip(img_mask, img_shapes, text_masks, drop_references, strict=True)
+    ):
         slots = slots.bool().cpu()
         image_pad_mask = torch.repeat_interleave(slots, torch.where(slots, TOKENS_PER_SLOT, 1))
         target_slots_count = math.prod(shapes[-1]) // TOKENS_PER_SLOT
@@ -199,12 +203,12 @@ def build_layout(
         image_ids, target = model.build_token_metadata(image_pad_mask, shapes)
         targets.append(target)
         segments.append(_qwenimage21_prefix_segments(image_ids, int((~target).sum())))
-        if text_mask is None:
-            key_valid.append(None)
-        else:  # as the stock forward: text positions of the joint sequence take the prompt's mask, in order
-            valid = torch.ones(1, image_pad_mask.shape[0], dtype=torch.bool)
+        valid = torch.ones(1, image_pad_mask.shape[0], dtype=torch.bool)
+        if text_mask is not None:  # as the stock forward: the joint sequence's text positions take the prompt's mask
             valid[0, ~image_pad_mask] = text_mask.bool().cpu()[~slots[: text_mask.shape[0]]]
-            key_valid.append(valid.to(device))
+        if drop:
+            valid[0, image_pad_mask & ~target] = False
+        key_valid.append(None if text_mask is None and not drop else valid.to(device))
     gather = torch.nn.utils.rnn.pad_sequence(gathers, batch_first=True, padding_value=zero_row)
     target = torch.nn.utils.rnn.pad_sequence(targets, batch_first=True)
     return Qwen21Layout(
@@ -264,17 +268,20 @@ def padded_forward(
     img_shapes: list[ImgShapes],
     timestep: Tensor,
     encoder_hidden_states_mask: list[Tensor] | None = None,
+    drop_references: list[bool] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`mixed_forward` returning the padded joint output (B, S_max, C_out), zero on padding, and its (B, S_max) mask.
 
     Samples sharing one layout (same `img_mask`, `img_shapes`, text length) take the stock forward, stacked.
-    `transformer` may be wrapped by DDP/accelerate or PEFT."""
+    `drop_references[i]` (control dropout): sample i's condition tokens stay in place but nothing attends to them,
+    which the stock forward cannot express. `transformer` may be wrapped by DDP/accelerate or PEFT."""
     model = base_model(transformer)
     for i, (h, shapes) in enumerate(zip(hidden_states, img_shapes, strict=True)):
         if h.shape[0] != sum(math.prod(s) for s in shapes):
             raise ValueError(f"sample {i}: {h.shape[0]} tokens but img_shapes {shapes} describe another count")
     masks = encoder_hidden_states_mask or [None] * len(hidden_states)
-    same = (
+    drop = drop_references or [False] * len(hidden_states)
+    same = not any(drop) and (
         all(
             s == img_shapes[0] and m.shape == img_mask[0].shape and torch.equal(m, img_mask[0])
             for s, m in zip(img_shapes, img_mask, strict=True)
@@ -310,6 +317,7 @@ def padded_forward(
         [e.shape[0] for e in encoder_hidden_states],
         [h.shape[0] for h in hidden_states],
         masks,
+        drop,
         device,
     )
     out = transformer(
@@ -329,11 +337,19 @@ def mixed_forward(
     img_shapes: list[ImgShapes],
     timestep: Tensor,
     encoder_hidden_states_mask: list[Tensor] | None = None,
+    drop_references: list[bool] | None = None,
 ) -> list[Tensor]:
     """Run each sample as the stock transformer runs it alone: its image tokens (N_i, C) (condition images first,
     the target last), text (T_i, D), `img_mask` (its prompt's slots then the target's, `target_slots`), `img_shapes`
     and optional text mask (T_i,). Returns sample i's joint output (S_i, C_out), as stock returns it."""
     out, valid = padded_forward(
-        transformer, hidden_states, encoder_hidden_states, img_mask, img_shapes, timestep, encoder_hidden_states_mask
+        transformer,
+        hidden_states,
+        encoder_hidden_states,
+        img_mask,
+        img_shapes,
+        timestep,
+        encoder_hidden_states_mask,
+        drop_references,
     )
     return unpad(out, valid.sum(1).tolist())
