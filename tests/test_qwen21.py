@@ -5,9 +5,13 @@ import math
 import pytest
 import torch
 from conftest import lora_grads, randomize_lora, relative_error
-from diffusers import QwenImage21Transformer2DModel
+from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
+from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
 from peft import LoraConfig
+from PIL import Image
 
+from common.batch import NoisyBatch, pack_latents
+from common.models.qwen_image21 import QWEN_IMAGE21, split_prompt
 from common.qwen21 import install_mixed, mixed_forward, padded_forward, target_slots
 from common.tiny_components import QWEN21_TRANSFORMER, seeded
 
@@ -174,3 +178,76 @@ def test_lora_gradients_equal_sum_of_per_sample_gradients(causal_condition, chec
     for name, grad in mixed.items():
         assert summed[name].abs().sum() > 0, name
         assert relative_error(grad, summed[name]) <= 1e-5, name
+
+
+@torch.no_grad()
+def test_dropped_references_are_invisible_and_others_stay_exact(transformer):
+    """Control dropout: a dropped sample's target does not depend on its condition tokens (they stay in place, but
+    nothing attends to them; the stock forward cannot express this, so the oracle is invariance), while the other
+    samples of the batch still equal the stock model alone."""
+    batch = make_batch(MIXED)
+    drop = [False, True, False, True]
+    out = mixed_forward(transformer, **batch, drop_references=drop)
+    changed = {**batch, "hidden_states": [h.clone() for h in batch["hidden_states"]]}
+    for i in (1, 3):
+        target = math.prod(batch["img_shapes"][i][-1])
+        changed["hidden_states"][i][:-target] += 1.0
+    out_changed = mixed_forward(transformer, **changed, drop_references=drop)
+    for i in (1, 3):
+        target = math.prod(batch["img_shapes"][i][-1])
+        assert torch.equal(out[i][-target:], out_changed[i][-target:])
+        assert (out[i][-target:] - stock_single(transformer, batch, i)[-target:]).abs().max() > 1e-3
+    for i in (0, 2):
+        assert (out[i] - stock_single(transformer, batch, i)).abs().max().item() <= 1e-5
+
+
+def _image(width, height, seed):
+    """A deterministic RGB noise image."""
+    pixels = torch.randint(0, 256, (height, width, 3), generator=torch.Generator().manual_seed(seed))
+    return Image.fromarray(pixels.to(torch.uint8).numpy())
+
+
+@torch.no_grad()
+def test_pipeline_call_is_what_the_model_encodes_and_predicts(tiny_checkpoint):
+    """QwenImage21Pipeline's own transformer call (2 condition images) gets exactly the text rows, slot mask and
+    packed latents our encoding produces, and `predict` reproduces its target prediction inside a mixed batch."""
+    pipe = QwenImage21Pipeline.from_pretrained(tiny_checkpoint("qwen_image21"))
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda _, args, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True
+    )
+    images = [_image(96, 64, 0), _image(64, 128, 1)]
+    prompt = "Make the sky blue"
+    pipe(prompt=prompt, image=images, output_resolution=64, num_inference_steps=2, output_type="latent",
+         generator=torch.Generator().manual_seed(0), use_kv_cache=False)  # fmt: skip
+    hook.remove()
+    kwargs, expected = calls[0]
+    sizes = [calculate_dimensions(64 * 64, image.size[0] / image.size[1])[:2] for image in images]
+    assert sizes == [(64, 64), (32, 96)]  # what output_resolution=64 makes of them
+    resized = [image.resize(size, Image.Resampling.LANCZOS) for image, size in zip(images, sizes, strict=True)]
+    text, slots = split_prompt(QWEN_IMAGE21.encode_prompt(pipe, prompt, resized, None, torch.device("cpu"))[
+        "prompt_embeds"])  # fmt: skip
+    assert torch.equal(text, kwargs["encoder_hidden_states"][0])
+    assert torch.equal(target_slots(slots, 2 * 6), kwargs["img_mask"][0])
+    pixels = [
+        pipe.image_processor.preprocess(image, height=h, width=w) for image, (w, h) in zip(images, sizes, strict=True)
+    ]
+    references = [pack_latents(QWEN_IMAGE21.encode_image(pipe, x)) for x in pixels]
+    noisy = kwargs["hidden_states"][0, -12:]
+    assert torch.equal(torch.cat([*references, noisy]), kwargs["hidden_states"][0])
+    other = make_batch(MIXED[:1])
+    batch = NoisyBatch(
+        sample_ids=["pipeline", "other"],
+        noisy=[noisy, other["hidden_states"][0][:, :16]],
+        references=[references, []],
+        img_shapes=[[(1, 6, 2), (1, 4, 4), (1, 6, 2)], [(1, 4, 6)]],
+        prompt_embeds=[
+            torch.cat([text, slots[:, None].float()], dim=-1),
+            torch.cat([other["encoder_hidden_states"][0], torch.zeros(5, 1)], dim=-1),
+        ],
+        pooled_prompt_embeds=None,
+        sigmas=torch.cat([kwargs["timestep"], torch.tensor([0.3])]),
+        attend=[12 + 16 + 12, 24],
+    )
+    prediction = QWEN_IMAGE21.predict(pipe.transformer, batch, None)
+    assert (prediction[0] - expected[0, -12:]).abs().max().item() <= 1e-5
