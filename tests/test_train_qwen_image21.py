@@ -43,6 +43,8 @@ class TestQwenImage21:
         assert cached.keys() == uncached.keys()
         assert all(h.torch.equal(cached[k], uncached[k]) for k in cached)
 
+    test_bf16_mixed_precision_run = h.TrainerCases.test_bf16_mixed_precision_run
+
 
 def test_comfyui_export_is_refused(tiny_checkpoint):
     argv = ["--pretrained_model_name_or_path", str(tiny_checkpoint("qwen_image21")), "--dataset", "d"]
