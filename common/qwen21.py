@@ -70,7 +70,9 @@ def per_sample_rows(params: Tensor, target_mask: Tensor) -> Tensor:
     return torch.where(target_mask.unsqueeze(-1), real, zero)
 
 
-def _modulate(self: nn.Module, hidden_states: Tensor, mod_params: Tensor, target_token_mask: Tensor | None):
+def _modulate(
+    self: nn.Module, hidden_states: Tensor, mod_params: Tensor, target_token_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """Per-instance `QwenImage21TransformerBlock._modulate`: stock, except a (B, S) mask selects rows per sample."""
     if target_token_mask is None or target_token_mask.dim() == 1:
         return type(self)._modulate(self, hidden_states, mod_params, target_token_mask)
@@ -78,7 +80,9 @@ def _modulate(self: nn.Module, hidden_states: Tensor, mod_params: Tensor, target
     return hidden_states * (1 + scale), gate
 
 
-def _norm_out(self: nn.Module, hidden_states: Tensor, conditioning: Tensor, target_token_mask: Tensor | None = None):
+def _norm_out(
+    self: nn.Module, hidden_states: Tensor, conditioning: Tensor, target_token_mask: Tensor | None = None
+) -> Tensor:
     """Per-instance `QwenImage21AdaLayerNormContinuous.forward`: stock, except a (B, S) mask selects rows per sample."""
     if target_token_mask is None or target_token_mask.dim() == 1:
         return type(self).forward(self, hidden_states, conditioning, target_token_mask)
@@ -133,7 +137,7 @@ def _per_sample_attention(stock: object, attn: nn.Module, hidden_states: Tensor,
     return padded
 
 
-def _forward(self: nn.Module, *args: object, qwen21_layout: Qwen21Layout | None = None, **kwargs: object):
+def _forward(self: nn.Module, *args: object, qwen21_layout: Qwen21Layout | None = None, **kwargs: object) -> object:
     """Per-instance `forward`: the stock forward, or `_mixed_forward` when handed a layout."""
     if qwen21_layout is None:
         return type(self).forward(self, *args, **kwargs)
@@ -141,14 +145,15 @@ def _forward(self: nn.Module, *args: object, qwen21_layout: Qwen21Layout | None 
 
 
 def install_mixed(transformer: nn.Module, backend: str = "auto") -> None:
-    """Install the mixed-batch forward, processors and modulation overrides on a stock 2.1 transformer (idempotent).
+    """Install the mixed-batch forward, processors and modulation overrides on a stock 2.1 transformer (idempotent),
+    before accelerate wraps its forward (as the trainer does).
 
     Every backend runs the stock segment decomposition per sample (module doc): it is exact and mask-free for image
     blocks; `masked` would need a dense block-causal mask, which is what it avoids."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     model = base_model(transformer)
-    if "forward" in vars(model):
+    if getattr(model, "_qwen21_mixed", False):
         return
     processors = {}
     for name, proc in model.attn_processors.items():
@@ -160,6 +165,7 @@ def install_mixed(transformer: nn.Module, backend: str = "auto") -> None:
         block._modulate = types.MethodType(_modulate, block)
     model.norm_out.forward = types.MethodType(_norm_out, model.norm_out)
     model.forward = types.MethodType(_forward, model)
+    model._qwen21_mixed = True
 
 
 def build_layout(
