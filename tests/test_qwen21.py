@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import lora_grads, randomize_lora, relative_error
+from conftest import lora_grads, randomize_lora, reduce_base, relative_error
 from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
 from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
 from peft import LoraConfig
@@ -125,6 +125,19 @@ def test_stock_calls_unchanged_after_install(transformer):
     before = stock_batch(), stock_single(transformer, batch, 0)
     install_mixed(transformer, "auto")
     assert torch.equal(stock_batch(), before[0]) and torch.equal(stock_single(transformer, batch, 0), before[1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("option", ["fp8", "offload"])
+def test_mixed_batch_on_a_reduced_base_matches_each_sample_alone(option):
+    """--base_precision fp8 / --offload_blocks: the mixed batch equals the stock model with the same option."""
+    transformer = tiny(True)
+    reduce_base(transformer, option)
+    stored = {m.weight.dtype for m in transformer.transformer_blocks.modules() if isinstance(m, torch.nn.Linear)}
+    assert stored == ({torch.float8_e4m3fn} if option == "fp8" else {torch.float32})
+    batch = make_batch(MIXED)
+    for i, o in enumerate(mixed_forward(transformer, **batch)):
+        assert (o - stock_single(transformer, batch, i)).abs().max().item() <= 1e-5
 
 
 def test_token_counts_must_match(transformer):
