@@ -366,4 +366,6 @@ def parse_training_args(model: EditModel, description: str, argv: list[str] | No
     """A trainer's flags (`model`'s included), completed from the run resumed and the cache (`_parse`), checked."""
     args = _parse(model, description, argv)
     check_training_args(args, argv)
+    if args.export_comfyui and model.comfyui_keys is None:
+        raise UserError(f"--export_comfyui: ComfyUI's LoRA key names for {model.title} are not known")
     return args

@@ -21,6 +21,7 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
     AutoencoderKLQwenImage,
+    AutoencoderKLQwenImage21,
     FlowMatchEulerDiscreteScheduler,
 )
 from tokenizers import pre_tokenizers
@@ -43,6 +44,10 @@ from transformers import (
     Qwen2VLVideoProcessor,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -100,6 +105,18 @@ QWEN_TRANSFORMER = {
     "guidance_embeds": False,
     "axes_dims_rope": [8, 4, 4],
     "zero_cond_t": False,
+}
+QWEN21_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "context_in_dim": 32,
+    "mlp_ratio": 3,
+    "axes_dims_rope": [4, 6, 6],
+    "causal_condition": True,
 }
 # Scheduler configs of the real repos (black-forest-labs/FLUX.1-Kontext-dev, Qwen/Qwen-Image-Edit*).
 _FLUX_SCHEDULER = {
@@ -500,4 +517,83 @@ def flux2_dev_components(seed: int) -> dict[str, Any]:
         "vae": _flux2_vae(seed),
         "text_encoder": seeded(seed, lambda: Mistral3ForConditionalGeneration(config)),
         "tokenizer": processor,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Qwen-Image 2.1 (Qwen3-VL text encoder + processor, 16x RGBA VAE)
+
+# The chat template reduced to what QwenImage21Pipeline renders with it: the system message it tokenizes to count
+# the tokens it drops (its prompts are raw template strings, tokenized by the processor).
+_QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
+    "{%- for item in message['content'] %}{%- if item['type'] == 'text' %}{{- item['text'] }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# Qwen3-VL sees 16-pixel patches merged 2x2: one image slot per 32x32 pixels, i.e. per 2x2 tokens of the 16x VAE.
+# The smallest edge bound lets tiny 32-pixel images through unresized, so slots and latents stay in step.
+_QWEN3_VL_IMAGE_PROCESSOR = {"patch_size": 16, "merge_size": 2, "temporal_patch_size": 2}
+_QWEN3_VL_PIXELS = {"shortest_edge": 32 * 32, "longest_edge": 2048 * 2048}
+
+
+def qwen21_components(seed: int) -> dict[str, Any]:
+    """Every component of a QwenImage21Pipeline but the transformer (Qwen3-VL + processor, RGBA VAE, scheduler)."""
+    tokenizer = _qwen_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    text_encoder_config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": QWEN21_TRANSFORMER["context_in_dim"],
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 8,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 5000000.0},
+            "bos_token_id": ids("<|endoftext|>"),
+            "eos_token_id": ids("<|im_end|>"),
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "out_hidden_size": QWEN21_TRANSFORMER["context_in_dim"],
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [1],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    vae_config = {
+        "base_dim": 8,
+        "decoder_base_dim": 8,
+        "z_dim": QWEN21_TRANSFORMER["in_channels"],
+        "dim_mult": [1, 1, 1, 1, 1],
+        "num_res_blocks": 1,
+        "attn_scales": [],
+        "temperal_downsample": [False, True, True, True],
+        "latents_mean": [0.0] * QWEN21_TRANSFORMER["in_channels"],
+        "latents_std": [1.0] * QWEN21_TRANSFORMER["in_channels"],
+    }
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**_QWEN3_VL_IMAGE_PROCESSOR, size=_QWEN3_VL_PIXELS),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(),
+        chat_template=_QWEN3_VL_CHAT_TEMPLATE,
+    )
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**_QWEN_SCHEDULER),
+        "vae": seeded(seed, lambda: AutoencoderKLQwenImage21(**vae_config)),
+        "text_encoder": seeded(seed, lambda: Qwen3VLForConditionalGeneration(text_encoder_config)),
+        "processor": processor,
     }

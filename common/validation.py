@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from common.attention import base_model
 from common.batch import NoisyBatch, pack_latents
 from common.cli import resolution_policy
-from common.data import EditRow, PreparedSample, prepare_sample
+from common.data import TOKEN_PIXELS, EditRow, PreparedSample, prepare_sample
 from common.encoders import Encoders
 from common.errors import UserError
 from common.models import EditModel, get_model
@@ -108,7 +108,7 @@ class Validation:
         pooled = text.get("pooled_prompt_embeds")
         latents = [encoders.encode_image(control) for control in prepared.controls]
         height, width = prepared.target.shape[1:]
-        grids = [(height // (encoders.pipe.vae_scale_factor * 2), width // (encoders.pipe.vae_scale_factor * 2))]
+        grids = [(height // TOKEN_PIXELS, width // TOKEN_PIXELS)]
         grids += [(c.shape[1] // 2, c.shape[2] // 2) for c in latents]
         return ValidationSample(
             prompt=prepared.prompt,
@@ -123,9 +123,8 @@ class Validation:
     def initial_latents(self, k: int, channels: int, seed: int) -> Tensor:
         """Packed starting noise (N, 4 * channels) of sample k, as the pipeline draws it with seed `seed + k`."""
         sample = self.samples[k]
-        multiple = self.vae_scale_factor * 2
         generator = torch.Generator().manual_seed(seed + k)
-        rows, cols = sample.height // multiple, sample.width // multiple
+        rows, cols = sample.height // TOKEN_PIXELS, sample.width // TOKEN_PIXELS
         return self.model.initial_noise(generator, channels, rows, cols, self.dtype).to(self.device)
 
     @torch.no_grad()

@@ -55,6 +55,11 @@ def test_stock_pipeline_runs(model: str, checkpoints: dict[str, pathlib.Path]) -
         embeds, ids = pipe.encode_prompt("Make the sky blue")
         assert embeds.shape == (1, 512, pipe.transformer.config.joint_attention_dim)
         assert torch.equal(ids[0], text_ids(512))
+    elif model == "qwen_image21":
+        # Condition images at ~64*64 pixels (the pipeline's default is ~1 MP); its VAE decodes RGBA.
+        out = pipe(image=[_image(64, 48), _image(32, 64)], output_resolution=64, **kwargs)
+        assert out.images.shape == (1, 4, 64, 96)
+        out.images = out.images[:, :3]
     else:
         out = pipe(image=[_image(64, 48), _image(32, 64)], true_cfg_scale=1.0, **kwargs)
     assert out.images.shape == (1, 3, 64, 96)

@@ -20,6 +20,7 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 import train_flux2
 import train_flux_kontext
 import train_qwen_edit_plus
+import train_qwen_image21
 from common.lora import add_lora
 from common.models import EditModel
 from common.sdpa import DEFAULT_SDPA_KERNELS, enabled_sdpa_kernels, sdpa_kernels
@@ -235,6 +236,36 @@ def test_flux2_batch_equals_stock_pipeline_per_sample(kit: str, tiny_checkpoint:
         stock = _stock(pipe, k, image=image, height=h, width=w, guidance_scale=guidance, max_sequence_length=32)
         _check_equal(latents[k], rendered[k], stock)
     _check_computes_on_the_device_alone(validation, transformer, args)
+
+
+def test_qwen_image21_batch_equals_stock_pipeline_per_sample(tiny_checkpoint: Any, tmp_path: Path) -> None:
+    """The stock QwenImage21Pipeline.__call__ (its defaults: prefix KV cache on, no CFG) renders each edit of the
+    mixed validation batch (1 and 2 condition images) alone; its RGBA output's colour channels are ours."""
+    checkpoint = tiny_checkpoint("qwen_image21")
+    raw = [(150, 100), (100, 100), (90, 180)]
+    paths = [_write(tmp_path / f"{k}.png", w, h, seed=30 + k) for k, (w, h) in enumerate(raw)]
+    entries = [paths[0], f"{paths[1]},{paths[2]}"]
+    sizes = [(160, 96), (128, 128)]
+    # output_resolution=128 sizes every condition image as --target_area 128*128 sizes the references.
+    args = train_qwen_image21.parse_args(_flags(checkpoint, tmp_path, entries, "--target_area", "128*128"))
+    model = train_qwen_image21.MODEL
+    transformer = _trained_transformer(checkpoint, model)
+
+    validation = Validation(args, model, torch.device("cpu"), torch.float32)
+    assert [(s.width, s.height) for s in validation.samples] == sizes
+    assert [len(s.references) for s in validation.samples] == [1, 2]
+    latents, rendered, calls = _sample_and_watch(validation, transformer, args)
+    assert calls == [(False, 2)] * STEPS
+    assert transformer.training
+
+    pipe = model.pipeline_class.from_pretrained(checkpoint, transformer=transformer.eval())
+    pipe.set_progress_bar_config(disable=True)
+    for k, entry in enumerate(entries):
+        w, h = sizes[k]
+        image = [PIL.Image.open(path) for path in entry.split(",")]
+        stock_latents, stock_image = _stock(pipe, k, image=image, height=h, width=w, output_resolution=128)
+        assert stock_image.mode == "RGBA"
+        _check_equal(latents[k], rendered[k], (stock_latents, stock_image.convert("RGB")))
 
 
 def test_validation_rows_check_the_reference_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

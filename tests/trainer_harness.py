@@ -36,6 +36,7 @@ SCRIPTS = {
     "qwen_edit_plus": "train_qwen_edit_plus",
     "flux2_klein": "train_flux2",  # one script for both FLUX.2 models, chosen by the checkpoint's pipeline
     "flux2_dev": "train_flux2",
+    "qwen_image21": "train_qwen_image21",
 }
 # What the scripts' --demo trains, tested end to end: train_qwen_edit.py's demo is Edit-Plus's with one control per
 # row through the same code, so the suite runs the other three.
@@ -159,6 +160,14 @@ def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: P
             img_ids=image_ids(3, 4),
             txt_ids=text_ids(5),
             guidance=torch.full((1,), 4.0) if transformer.config.guidance_embeds else None,
+        )
+    elif model == "qwen_image21":
+        from common.qwen21 import target_slots
+
+        kwargs = dict(
+            encoder_hidden_states=torch.randn(1, 5, transformer.config.context_in_dim, generator=generator),
+            img_shapes=[[(1, 3, 4)]],
+            img_mask=target_slots(torch.zeros(5, dtype=torch.bool), 12)[None],
         )
     else:
         kwargs = dict(

@@ -117,7 +117,7 @@ class EditModel:
     initial_noise: NoiseSampler = unpacked_noise  # validation's starting latents, as the pipeline draws them
 
     # Export, tiny checkpoint and demo.
-    comfyui_keys: ComfyUIKeys = same_keys
+    comfyui_keys: ComfyUIKeys | None = same_keys  # None: ComfyUI's names unknown, --export_comfyui is refused
     tiny_transformer_config: Mapping[str, Any] | None = None
     tiny_components: Callable[[int], dict[str, Any]] | None = None  # seed -> every component but the transformer
     demo_controls_per_row: tuple[int, ...] = (1,)  # controls of demo row i: entry i % len
