@@ -1,14 +1,15 @@
-"""train_flux_kontext.py end to end on the tiny kit (cached/uncached, resume, 2 processes, LoRA, NaN stop)."""
+"""train_flux_kontext.py end to end on the tiny kit (cached/uncached, resume after SIGKILL, LoRA, NaN stop)."""
 
 import math
 
 import trainer_harness as h
 
 
-class TestKontext(h.TrainerCases, h.ProcessCases, h.EqualSizeCases):
+class TestKontext(h.TrainerCases, h.EqualSizeCases):
     MODEL = KIT = "flux_kontext"
 
     def test_resume_with_fp8_and_offloaded_blocks_is_bitwise_equal(self, kit, tmp_path):
+        """The suite's one real SIGKILL: killed after its first checkpoint, the run resumes to the same LoRA."""
         h.check_resume_after_sigkill(self.MODEL, kit, tmp_path, "--base_precision", "fp8", "--offload_blocks")
 
     def test_accumulation_equals_a_larger_batch(self, kit, tmp_path):

@@ -44,6 +44,9 @@ class TestQwenImage21:
         assert all(h.torch.equal(cached[k], uncached[k]) for k in cached)
 
     test_bf16_mixed_precision_run = h.TrainerCases.test_bf16_mixed_precision_run
+    test_resumed_from_a_checkpoint_equals_the_uninterrupted_run = (
+        h.TrainerCases.test_resumed_from_a_checkpoint_equals_the_uninterrupted_run
+    )
 
 
 def test_comfyui_export_is_refused(tiny_checkpoint):
