@@ -1,4 +1,5 @@
-"""`--demo` of every trainer, as a user runs it from the repository: tiny model, synthetic data, cache, 30 steps."""
+"""`--demo` as a user runs it from the repository: tiny model, synthetic data, cache, 30 steps (one script: the
+demo is one code path for every trainer, `trainer_harness.DEMO_MODELS`)."""
 
 import json
 import subprocess
