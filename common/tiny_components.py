@@ -501,3 +501,23 @@ def flux2_dev_components(seed: int) -> dict[str, Any]:
         "text_encoder": seeded(seed, lambda: Mistral3ForConditionalGeneration(config)),
         "tokenizer": processor,
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.3 ([klein]: Qwen3-VL text encoder, the FLUX.2 VAE)
+
+_FLUX3_TEXT_WIDTH = 16
+_FLUX3_TEXT_LAYERS = (4, 8, 12, 16, 20, 24, 28, 32)  # `Flux3TextEncoderStep`'s default `text_encoder_out_layers`
+FLUX3_TRANSFORMER = {
+    "in_channels": 4 * _FLUX2_LATENT_CHANNELS,
+    "cond_in_channels": 4 * _FLUX2_LATENT_CHANNELS,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": len(_FLUX3_TEXT_LAYERS) * _FLUX3_TEXT_WIDTH,  # the stacked hidden layers
+    "timestep_channels": 32,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (4, 4, 4, 4),
+    "rope_theta": 10000,
+}
