@@ -1,4 +1,4 @@
-"""Tiny random components of each model family (FLUX.1, Qwen-Image, FLUX.2), built with the real classes.
+"""Tiny random components of each model family (FLUX.1, Qwen-Image, FLUX.2, FLUX.3), built with the real classes.
 
 Text encoders keep the depth their pipelines read hidden states from and are otherwise a few channels wide.
 
@@ -43,6 +43,10 @@ from transformers import (
     Qwen2VLVideoProcessor,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -521,3 +525,66 @@ FLUX3_TRANSFORMER = {
     "axes_dims_rope": (4, 4, 4, 4),
     "rope_theta": 10000,
 }
+# Qwen3-VL's chat template reduced to what `Flux3TextEncoderStep` renders: user turns of plain text and the
+# generation prompt.
+_QWEN3_VL_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_FLUX3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 6.93}  # `Flux3SetTimestepsStep`'s constant shift
+
+
+def flux3_qwen3_vl(seed: int) -> tuple[Qwen3VLForConditionalGeneration, Qwen3VLProcessor]:
+    """A tiny Qwen3-VL (33 text layers, so hidden state 32, the deepest FLUX.3 reads, is not the last) and its
+    processor, as `Flux3TextEncoderStep` takes them (`text_encoder`, `tokenizer`)."""
+    tokenizer = _qwen_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": _FLUX3_TEXT_WIDTH,
+            "intermediate_size": 32,
+            "num_hidden_layers": 33,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 5000000.0},
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": _FLUX3_TEXT_WIDTH,
+            "deepstack_visual_indexes": [0],
+            "num_position_embeddings": 16,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(),
+        chat_template=_QWEN3_VL_CHAT_TEMPLATE,
+    )
+    return seeded(seed, lambda: Qwen3VLForConditionalGeneration(config)), processor
+
+
+def flux3_klein_components(seed: int) -> dict[str, Any]:
+    """Every loaded component of a `Flux3ModularPipeline` but the transformer: tiny Qwen3-VL + processor, the tiny
+    FLUX.2 VAE (FLUX.3 uses `AutoencoderKLFlux2`), the constant-shift scheduler."""
+    text_encoder, tokenizer = flux3_qwen3_vl(seed)
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**_FLUX3_SCHEDULER),
+        "vae": _flux2_vae(seed),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+    }

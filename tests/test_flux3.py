@@ -1,12 +1,15 @@
 """common.flux3 against stock diffusers FLUX.3 run on each sample alone (the oracle), ids against the pipeline."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import check_lora_gradients, randomize_lora
 from diffusers import Flux3Transformer2DModel
 from diffusers.modular_pipelines.flux3.before_denoise import Flux3TextRoPEInputsStep, _prepare_image_ids
 from peft import LoraConfig
+from PIL import Image
 
+from common.batch import pack_latents
 from common.flux3 import (
     IMAGE_ROPE_SCALE,
     image_ids,
@@ -16,6 +19,7 @@ from common.flux3 import (
     reference_ids,
     text_ids,
 )
+from common.models.flux3 import FLUX3_KLEIN, encode_image, encode_prompt
 from common.tiny_components import FLUX3_TRANSFORMER, seeded
 
 BACKENDS = ("masked", "split")
@@ -166,3 +170,45 @@ def test_every_linear_reaches_the_loss(transformer):
     lora = {n: p for n, p in transformer.named_parameters() if "lora_" in n}
     assert len(lora) == 2 * len(linears)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+
+
+def _image(width: int, height: int) -> Image.Image:
+    """A deterministic RGB gradient image."""
+    pixels = np.arange(width * height * 3, dtype=np.int64).reshape(height, width, 3) % 256
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@torch.no_grad()
+def test_pipeline_call_equals_its_sample_in_a_mixed_batch(tiny_checkpoint):
+    """The stock modular pipeline's own transformer call (2 references) has the ids, text and reference tokens our
+    encoding and helpers build, and mixed_forward reproduces its output inside a mixed batch."""
+    pipe = FLUX3_KLEIN.load_pipeline(str(tiny_checkpoint("flux3_klein")))
+    calls = []
+    hook = pipe.transformer.register_forward_hook(
+        lambda _, args, kwargs, out: calls.append((kwargs, out[0])), with_kwargs=True
+    )
+    images = [_image(96, 64), _image(64, 128)]
+    prompt = "Make the sky blue"
+    pipe(prompt=prompt, image=images, height=64, width=96, num_inference_steps=1, output="images")
+    hook.remove()
+    kwargs, expected = calls[0]  # the conditional prediction (CFG's unconditional one follows)
+    assert torch.equal(kwargs["img_ids"], image_ids(4, 6))
+    assert torch.equal(kwargs["image_cond_ids"], reference_ids([(4, 6), (8, 4)]))
+    assert torch.equal(kwargs["txt_ids"], text_ids(80))
+    embeds = encode_prompt(pipe, prompt, [], None, torch.device("cpu"))["prompt_embeds"]
+    assert torch.equal(kwargs["encoder_hidden_states"][0], embeds)
+    processed = [pipe.image_processor.preprocess(image, resize_mode="crop")[0] for image in images]
+    references = torch.cat([pack_latents(encode_image(pipe, image)) for image in processed])
+    assert torch.equal(kwargs["image_cond_hidden_states"][0], references)
+
+    second = make_batch(pipe.transformer, [((3, 5), [], 160)])
+    batch = {key: [kwargs[key][0], *second[key]] for key in ("hidden_states", "encoder_hidden_states")}
+    batch |= {
+        "img_ids": [kwargs["img_ids"], *second["img_ids"]],
+        "txt_ids": [kwargs["txt_ids"], *second["txt_ids"]],
+        "timestep": torch.cat([kwargs["timestep"], second["timestep"]]),
+        "image_cond_hidden_states": [references, *second["image_cond_hidden_states"]],
+        "image_cond_ids": [kwargs["image_cond_ids"], *second["image_cond_ids"]],
+    }
+    out = mixed_forward(pipe.transformer, **batch)
+    assert (out[0] - expected[0]).abs().max().item() <= 1e-5

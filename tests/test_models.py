@@ -37,6 +37,7 @@ def test_registry_names_every_model_once():
         "qwen_edit_2511",
         "flux2_klein",
         "flux2_dev",
+        "flux3_klein",
     ]
     assert all(get_model(name).name == name for name in MODELS)
     assert get_model(FLUX_KONTEXT) is FLUX_KONTEXT

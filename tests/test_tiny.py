@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.P
 
 @pytest.mark.parametrize("model", MODELS)
 def test_stock_pipeline_runs(model: str, checkpoints: dict[str, pathlib.Path]) -> None:
-    pipe = get_model(model).pipeline_class.from_pretrained(checkpoints[model])
+    pipe = get_model(model).load_pipeline(str(checkpoints[model]))
     kwargs = {
         "prompt": "Make the sky blue",
         "height": 64,
@@ -55,6 +56,8 @@ def test_stock_pipeline_runs(model: str, checkpoints: dict[str, pathlib.Path]) -
         embeds, ids = pipe.encode_prompt("Make the sky blue")
         assert embeds.shape == (1, 512, pipe.transformer.config.joint_attention_dim)
         assert torch.equal(ids[0], text_ids(512))
+    elif model.startswith("flux3"):  # the modular pipeline returns the outputs it is asked for
+        out = SimpleNamespace(images=pipe(image=[_image(96, 64), _image(64, 128)], output="images", **kwargs))
     else:
         out = pipe(image=[_image(64, 48), _image(32, 64)], true_cfg_scale=1.0, **kwargs)
     assert out.images.shape == (1, 3, 64, 96)

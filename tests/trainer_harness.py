@@ -36,6 +36,7 @@ SCRIPTS = {
     "qwen_edit_plus": "train_qwen_edit_plus",
     "flux2_klein": "train_flux2",  # one script for both FLUX.2 models, chosen by the checkpoint's pipeline
     "flux2_dev": "train_flux2",
+    "flux3_klein": "train_flux3",
 }
 # What the scripts' --demo trains, tested end to end: train_qwen_edit.py's demo is Edit-Plus's with one control per
 # row through the same code, so the suite runs the other three.
@@ -136,7 +137,7 @@ def check_run(out: Path, steps: int, mixed: bool) -> list[dict]:
 
 def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: Path) -> None:
     """The saved LoRA loads with the stock pipeline's load_lora_weights and changes the transformer's output."""
-    pipe = get_model(model).pipeline_class.from_pretrained(checkpoint)
+    pipe = get_model(model).load_pipeline(str(checkpoint))
     transformer = pipe.transformer.eval()
     generator = torch.Generator().manual_seed(0)
     channels = transformer.config.in_channels
@@ -159,6 +160,14 @@ def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: P
             img_ids=image_ids(3, 4),
             txt_ids=text_ids(5),
             guidance=torch.full((1,), 4.0) if transformer.config.guidance_embeds else None,
+        )
+    elif model.startswith("flux3"):
+        from common.flux3 import image_ids, text_ids
+
+        kwargs = dict(
+            encoder_hidden_states=torch.randn(1, 5, transformer.config.joint_attention_dim, generator=generator),
+            img_ids=image_ids(3, 4),
+            txt_ids=text_ids(5),
         )
     else:
         kwargs = dict(
