@@ -39,6 +39,8 @@ NoiseSampler = Callable[[torch.Generator, int, int, int, torch.dtype], Tensor]
 PipelineLoader = Callable[[str, torch.dtype, str | None, bool], Any]
 # (every component but the transformer, the transformer, folder) -> None: a checkpoint in the hub repo layout
 PipelineWriter = Callable[[dict[str, Any], nn.Module, Path], None]
+# (base model id, LoRA path or repo, prompt, inference steps) -> Python that edits "input.png" with the LoRA
+UsageSnippet = Callable[[str, str, str, int], str]
 # {diffusers module name: (A, B)} with the scale folded into B -> {ComfyUI module name: (A, B)}
 ComfyUIKeys = Callable[[dict[str, tuple[Tensor, Tensor]]], dict[str, tuple[Tensor, Tensor]]]
 
@@ -134,6 +136,7 @@ class EditModel:
     # from its components do not (modular pipelines load their components explicitly); None: those stock calls.
     pipeline_loader: PipelineLoader | None = None
     pipeline_writer: PipelineWriter | None = None
+    usage_snippet: UsageSnippet | None = None  # the model card's code where `pipeline_class` is not a classic pipeline
     # Some LoRA targets reach the loss only in some batches (FLUX.3's reference blocks, in batches without
     # references), so DDP must look for unused parameters every step.
     ddp_find_unused_parameters: bool = False

@@ -130,6 +130,30 @@ def comfyui_keys(pairs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Ten
     return out
 
 
+def usage_snippet(base_model: str, lora: str, prompt: str, steps: int) -> str:
+    """Python that edits one image with the modular pipeline and this LoRA, the prompt encoded as given (as trained)."""
+    return f"""import torch
+from diffusers import Flux3AutoBlocks
+from diffusers.utils import load_image
+
+blocks = Flux3AutoBlocks()
+blocks.sub_blocks.pop("prompt_upsampler")  # the LoRA was trained on prompts as given
+pipe = blocks.init_pipeline({base_model!r})
+pipe.load_components(dtype=torch.bfloat16)
+pipe.load_lora_weights({lora!r})
+pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+
+image = load_image("input.png")  # the image to edit
+edited = pipe(
+    image=image,
+    prompt={prompt!r},
+    num_inference_steps={steps},
+    generator=torch.Generator().manual_seed(0),
+    output="images",
+)[0]
+edited.save("edited.png")"""
+
+
 def predict(transformer: nn.Module, batch: NoisyBatch, args: argparse.Namespace) -> list[Tensor]:
     """Velocity predictions on each sample's target tokens; its references (unless dropped) in their own stream."""
     device = batch.noisy[0].device
@@ -184,5 +208,6 @@ FLUX3_KLEIN = EditModel(
     script="train_flux3.py",
     pipeline_loader=load_pipeline,
     pipeline_writer=write_pipeline,
+    usage_snippet=usage_snippet,
     ddp_find_unused_parameters=True,
 )
