@@ -45,8 +45,10 @@ class MixedLayouts:
         self.backend = "auto"
         self._seen: dict[int, tuple[Tensor, MixedAttention]] = {}
 
+    @torch.compiler.disable
     def attention(self, cos: Tensor, dtype: torch.dtype) -> MixedAttention:
-        """The layout a (S, B, D + 1) table marks in its last channel, built once per table object."""
+        """The layout a (S, B, D + 1) table marks in its last channel, built once per table object (kept out of
+        compiled blocks, `--compile`: it reads lengths back to the host and keys on Python object identity)."""
         seen = self._seen.get(id(cos))
         if seen is None or seen[0] is not cos:  # the table is held in the entry, so its id cannot be reused
             valid = cos[..., -1].transpose(0, 1) > 0
@@ -173,7 +175,7 @@ def padded_forward(
     embedder = model.pos_embed
     streams = [(encoder_hidden_states, txt_ids), (hidden_states, img_ids)] + [(refs, ref_ids)] * has_refs
     tables = [_tables(embedder.stock, ids) for _, ids in streams]
-    padded = [pad_sequences(tokens)[0] for tokens, _ in streams]
+    padded, valid = zip(*(pad_sequences(tokens) for tokens, _ in streams), strict=True)
     if has_refs:
         kwargs |= {"image_cond_hidden_states": padded[2], "image_cond_ids": ref_ids[0]}
     model._mixed_layouts.clear()
@@ -188,8 +190,8 @@ def padded_forward(
         )[0]
     finally:
         embedder.disarm()
-    valid = pad_sequences(hidden_states)[1]
-    return torch.where(valid[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device)), valid
+    zero = torch.zeros((), dtype=out.dtype, device=out.device)
+    return torch.where(valid[1][..., None], out, zero), valid[1]
 
 
 def mixed_forward(

@@ -58,6 +58,8 @@ def stock_single(transformer, batch, i):
     stream at all when the sample has no references)."""
     refs = batch["image_cond_hidden_states"][i]
     cond = {"image_cond_hidden_states": refs[None], "image_cond_ids": batch["image_cond_ids"][i]} if len(refs) else {}
+    if batch.get("target_timestep") is not None:
+        cond["target_timestep"] = batch["target_timestep"][i : i + 1]
     return transformer(
         hidden_states=batch["hidden_states"][i][None],
         encoder_hidden_states=batch["encoder_hidden_states"][i][None],
@@ -118,6 +120,15 @@ def test_mixed_batch_matches_each_sample_alone(transformer, backend):
         expected = stock_single(transformer, batch, i)
         assert o.shape == expected.shape == (len(batch["img_ids"][i]), FLUX3_TRANSFORMER["in_channels"])
         assert (o - expected).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_flow_map_mixed_batch_matches_each_sample_alone():
+    """A step-distilled (flow-map) transformer: each sample's own target timestep reaches every stream."""
+    transformer = seeded(0, lambda: Flux3Transformer2DModel(**FLUX3_TRANSFORMER, flow_map=True)).eval()
+    batch = make_batch(transformer, MIXED) | {"target_timestep": torch.tensor([0.1, 0.5, 0.0])}
+    for i, o in enumerate(mixed_forward(transformer, **batch)):
+        assert (o - stock_single(transformer, batch, i)).abs().max().item() <= 1e-5
 
 
 @torch.no_grad()
