@@ -57,12 +57,15 @@ _BFL_BLOCKS = {
 
 def load_pipeline(path: str, dtype: torch.dtype, revision: str | None, transformer: bool) -> Flux3ModularPipeline:
     """The checkpoint's `Flux3ModularPipeline` on `Flux3AutoBlocks` without the prompt upsampler (prompts are encoded
-    as given, as in training), with the encoders (and the transformer if asked) loaded; the scheduler, image
-    processor and guider are the pipeline's own defaults."""
+    as given, as in training), with the encoders (and the transformer if asked) loaded, and the scheduler where the
+    checkpoint's index lists one; the image processor and guider (and else the scheduler) are built from config."""
     blocks = Flux3AutoBlocks()
     blocks.sub_blocks.pop("prompt_upsampler")
     pipe = Flux3ModularPipeline(blocks, pretrained_model_name_or_path=path, revision=revision)
-    pipe.load_components(names=[*ENCODER_COMPONENTS, *(["transformer"] * transformer)], dtype=dtype)
+    names = [*ENCODER_COMPONENTS, *(["transformer"] * transformer)]
+    if "scheduler" in pipe.pretrained_component_names:  # the checkpoint's index lists it (else it is from config)
+        names.append("scheduler")
+    pipe.load_components(names=names, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
