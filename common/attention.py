@@ -85,6 +85,18 @@ class MixedAttention:
             cu_seqlens=cu_seqlens.to(device, non_blocking=True),
         )
 
+    @classmethod
+    def from_mask(cls, valid: Tensor, backend: str) -> "MixedAttention":
+        """Build from a (B, S) bool mask of real tokens on the device (reading the lengths back: one device sync)."""
+        lengths = valid.sum(1)
+        return cls(
+            backend=backend,
+            key_mask=valid[:, None, None, :],
+            index=valid.flatten().nonzero().squeeze(1),
+            lengths=lengths.tolist(),
+            cu_seqlens=torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32),
+        )
+
 
 def _scatter_packed(packed: Tensor, like: Tensor, index: Tensor) -> Tensor:
     """Place packed (sum L_i, H, D) rows back into a zero (B, S, H, D) tensor shaped like `like`."""

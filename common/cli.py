@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, ModularPipeline
 from diffusers.optimization import SchedulerType
 
 from common.base_weights import add_memory_args, check_memory_args
@@ -170,12 +170,21 @@ def check_local_path(flag: str, value: str | None, kind: str = "folder") -> None
         raise UserError(f"--{flag} {value}: no such {kind}")
 
 
+def pipeline_class_name(path: str, revision: str | None) -> str | None:
+    """The pipeline class a checkpoint's model_index.json names, else its modular_model_index.json (a checkpoint of
+    a model with only modular pipelines); OSError when it has neither."""
+    try:
+        return DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+    except OSError:
+        return ModularPipeline.load_config(path, revision=revision).get("_class_name")
+
+
 def checkpoint_model(path: str, revision: str | None, accepted: Sequence[EditModel], user: str) -> EditModel:
     """The model of `accepted` whose pipeline class the checkpoint's model_index.json names (read before any weights
     load); else a UserError naming the class found, the classes `user` (a script) takes, and what trains it."""
     check_local_path("pretrained_model_name_or_path", path)
     try:
-        name = DiffusionPipeline.load_config(path, revision=revision).get("_class_name")
+        name = pipeline_class_name(path, revision)
     except OSError as error:  # no model_index.json there, or the hub cannot be reached
         raise UserError(f"--pretrained_model_name_or_path {path}: {error}") from error
     for model in accepted:

@@ -100,7 +100,8 @@ def prepare_demo(args: argparse.Namespace, model: EditModel) -> None:
         text_flags = [f"--max_sequence_length={DEMO_TEXT_LENGTH}"]
     with PartialState().main_process_first():
         if PartialState().is_main_process:
-            if not (Path(args.pretrained_model_name_or_path) / "model_index.json").exists():
+            checkpoint = Path(args.pretrained_model_name_or_path)
+            if not any((checkpoint / index).exists() for index in ("model_index.json", "modular_model_index.json")):
                 write_tiny(model, args.pretrained_model_name_or_path)
             if not Path(args.dataset).exists():
                 write_dataset(Path(args.dataset), model)

@@ -125,9 +125,7 @@ def load_encoders(
     """Load `model`'s stock pipeline without its transformer and wrap its encoders; with `offload` their weights stay
     in CPU memory and go to `device` block by block only while encoding (`common.base_weights.offload_pipeline`)."""
     model = get_model(model)
-    pipe = model.pipeline_class.from_pretrained(
-        pretrained_model_name_or_path, transformer=None, dtype=dtype, revision=revision
-    )
+    pipe = model.load_pipeline(pretrained_model_name_or_path, dtype, revision, transformer=False)
     pipe.set_progress_bar_config(disable=True)
     if offload:
         from common.base_weights import offload_pipeline

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,7 +111,7 @@ def caption_hints(captions: list[str | None] | None) -> list[str]:
     return lines
 
 
-def snippet(pipeline_class: str, base_model: str, lora: str, prompt: str) -> str:
+def snippet(pipeline_class: str, base_model: str, lora: str, prompt: str, steps: int = SNIPPET_STEPS) -> str:
     """Python that loads the base pipeline with this LoRA and edits one image."""
     return f"""import torch
 from diffusers import {pipeline_class}
@@ -124,7 +125,7 @@ image = load_image("input.png")  # the image to edit
 edited = pipe(
     image=image,
     prompt={prompt!r},
-    num_inference_steps={SNIPPET_STEPS},
+    num_inference_steps={steps},
     generator=torch.Generator().manual_seed(0),
 ).images[0]
 edited.save("edited.png")"""
@@ -196,7 +197,9 @@ def model_card(
         "## Use it",
         "",
         "```python",
-        snippet(pipeline, base, repo_id or str(output_dir.resolve()), example),
+        (model.usage_snippet or partial(snippet, pipeline))(
+            base, repo_id or str(output_dir.resolve()), example, SNIPPET_STEPS
+        ),
         "```",
         "",
         f"`{LORA_FILE}` has each module's `lora_alpha / rank` scale folded into its B matrix and says "

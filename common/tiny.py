@@ -38,8 +38,7 @@ def write_tiny(model: EditModel | str, out_dir: str | os.PathLike, seed: int = 0
     if model.tiny_components is None:
         raise ValueError(f"{model.name} has no tiny checkpoint")
     out = pathlib.Path(out_dir)
-    pipe = model.pipeline_class(**model.tiny_components(seed), transformer=tiny_transformer(model, seed))
-    pipe.save_pretrained(out, safe_serialization=True)
+    model.write_pipeline(model.tiny_components(seed), tiny_transformer(model, seed), out)
     return out
 
 

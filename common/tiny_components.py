@@ -1,4 +1,5 @@
-"""Tiny random components of each model family (FLUX.1, Qwen-Image, FLUX.2), built with the real classes.
+"""Tiny random components of each model family (FLUX.1, Qwen-Image, FLUX.2, Qwen-Image 2.1, FLUX.3), built with
+the real classes.
 
 Text encoders keep the depth their pipelines read hidden states from and are otherwise a few channels wide.
 
@@ -525,7 +526,7 @@ def flux2_dev_components(seed: int) -> dict[str, Any]:
 
 # The chat template reduced to what QwenImage21Pipeline renders with it: the system message it tokenizes to count
 # the tokens it drops (its prompts are raw template strings, tokenized by the processor).
-_QWEN3_VL_CHAT_TEMPLATE = (
+_QWEN21_CHAT_TEMPLATE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}"
     "{%- for item in message['content'] %}{%- if item['type'] == 'text' %}{{- item['text'] }}{%- endif %}"
@@ -589,11 +590,94 @@ def qwen21_components(seed: int) -> dict[str, Any]:
         image_processor=Qwen2VLImageProcessor(**_QWEN3_VL_IMAGE_PROCESSOR, size=_QWEN3_VL_PIXELS),
         tokenizer=tokenizer,
         video_processor=Qwen3VLVideoProcessor(),
-        chat_template=_QWEN3_VL_CHAT_TEMPLATE,
+        chat_template=_QWEN21_CHAT_TEMPLATE,
     )
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(**_QWEN_SCHEDULER),
         "vae": seeded(seed, lambda: AutoencoderKLQwenImage21(**vae_config)),
         "text_encoder": seeded(seed, lambda: Qwen3VLForConditionalGeneration(text_encoder_config)),
         "processor": processor,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLUX.3 ([klein]: Qwen3-VL text encoder, the FLUX.2 VAE)
+
+_FLUX3_TEXT_WIDTH = 16
+_FLUX3_TEXT_LAYERS = (4, 8, 12, 16, 20, 24, 28, 32)  # `Flux3TextEncoderStep`'s default `text_encoder_out_layers`
+FLUX3_TRANSFORMER = {
+    "in_channels": 4 * _FLUX2_LATENT_CHANNELS,
+    "cond_in_channels": 4 * _FLUX2_LATENT_CHANNELS,
+    "num_layers": 1,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": len(_FLUX3_TEXT_LAYERS) * _FLUX3_TEXT_WIDTH,  # the stacked hidden layers
+    "timestep_channels": 32,
+    "mlp_ratio": 3.0,
+    "axes_dims_rope": (4, 4, 4, 4),
+    "rope_theta": 10000,
+}
+# Qwen3-VL's chat template reduced to what `Flux3TextEncoderStep` renders: user turns of plain text and the
+# generation prompt.
+_FLUX3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+_FLUX3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 6.93}  # `Flux3SetTimestepsStep`'s constant shift
+
+
+def flux3_qwen3_vl(seed: int) -> tuple[Qwen3VLForConditionalGeneration, Qwen3VLProcessor]:
+    """A tiny Qwen3-VL (33 text layers, so hidden state 32, the deepest FLUX.3 reads, is not the last) and its
+    processor, as `Flux3TextEncoderStep` takes them (`text_encoder`, `tokenizer`)."""
+    tokenizer = _qwen_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": _FLUX3_TEXT_WIDTH,
+            "intermediate_size": 32,
+            "num_hidden_layers": 33,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "max_position_embeddings": 8192,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 5000000.0},
+            "pad_token_id": ids("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_heads": 2,
+            "out_hidden_size": _FLUX3_TEXT_WIDTH,
+            "deepstack_visual_indexes": [0],
+            "num_position_embeddings": 16,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(patch_size=16, merge_size=2),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(),
+        chat_template=_FLUX3_CHAT_TEMPLATE,
+    )
+    return seeded(seed, lambda: Qwen3VLForConditionalGeneration(config)), processor
+
+
+def flux3_klein_components(seed: int) -> dict[str, Any]:
+    """Every loaded component of a `Flux3ModularPipeline` but the transformer: tiny Qwen3-VL + processor, the tiny
+    FLUX.2 VAE (FLUX.3 uses `AutoencoderKLFlux2`), the constant-shift scheduler."""
+    text_encoder, tokenizer = flux3_qwen3_vl(seed)
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(**_FLUX3_SCHEDULER),
+        "vae": _flux2_vae(seed),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
     }

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from torch import Tensor, nn
@@ -294,6 +294,7 @@ def _train(args: argparse.Namespace, model: EditModel) -> Path:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=model.ddp_find_unused_parameters)],
     )
     if args.push_to_hub and accelerator.is_main_process:  # the Hub is checked before anything is written or loaded
         args.hub_model_id = create_hub_repo(args)

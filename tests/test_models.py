@@ -38,6 +38,7 @@ def test_registry_names_every_model_once():
         "flux2_klein",
         "flux2_dev",
         "qwen_image21",
+        "flux3_klein",
     ]
     assert all(get_model(name).name == name for name in MODELS)
     assert get_model(FLUX_KONTEXT) is FLUX_KONTEXT

@@ -175,6 +175,7 @@ def test_model_multiples_match_pipeline_sources():
         "qwen_edit_2511": 32,
         "flux2_klein": 16,
         "flux2_dev": 16,
+        "flux3_klein": 16,
     }
     # FLUX.2: both pipelines floor references and the output to vae_scale_factor * 2.
     for pipeline in (Flux2KleinPipeline, Flux2Pipeline):

@@ -5,6 +5,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.P
 
 @pytest.mark.parametrize("model", MODELS)
 def test_stock_pipeline_runs(model: str, checkpoints: dict[str, pathlib.Path]) -> None:
-    pipe = get_model(model).pipeline_class.from_pretrained(checkpoints[model])
+    pipe = get_model(model).load_pipeline(str(checkpoints[model]))
     kwargs = {
         "prompt": "Make the sky blue",
         "height": 64,
@@ -60,6 +61,8 @@ def test_stock_pipeline_runs(model: str, checkpoints: dict[str, pathlib.Path]) -
         out = pipe(image=[_image(64, 48), _image(32, 64)], output_resolution=64, **kwargs)
         assert out.images.shape == (1, 4, 64, 96)
         out.images = out.images[:, :3]
+    elif model.startswith("flux3"):  # the modular pipeline returns the outputs it is asked for
+        out = SimpleNamespace(images=pipe(image=[_image(96, 64), _image(64, 128)], output="images", **kwargs))
     else:
         out = pipe(image=[_image(64, 48), _image(32, 64)], true_cfg_scale=1.0, **kwargs)
     assert out.images.shape == (1, 3, 64, 96)

@@ -18,6 +18,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus
 
 import train_flux2
+import train_flux3
 import train_flux_kontext
 import train_qwen_edit_plus
 import train_qwen_image21
@@ -266,6 +267,41 @@ def test_qwen_image21_batch_equals_stock_pipeline_per_sample(tiny_checkpoint: An
         stock_latents, stock_image = _stock(pipe, k, image=image, height=h, width=w, output_resolution=128)
         assert stock_image.mode == "RGBA"
         _check_equal(latents[k], rendered[k], (stock_latents, stock_image.convert("RGB")))
+
+
+def test_flux3_batch_equals_modular_pipeline_per_sample(tiny_checkpoint: Any, tmp_path: Path) -> None:
+    """FLUX.3: the validation batch (0..n references, each sample's own text length) renders what the stock modular
+    pipeline renders for each edit alone, its guider off (training and validation run conditional forwards)."""
+    checkpoint = tiny_checkpoint("flux3_klein")
+    # References of 16-multiple sizes under 1 MP: the pipeline keeps them as they are (one reference: its canvas is
+    # itself; several: nothing to crop), and so does --control_resolution pipeline.
+    raw = [(96, 64), (64, 64), (80, 112)]
+    paths = [_write(tmp_path / f"{k}.png", w, h, seed=30 + k) for k, (w, h) in enumerate(raw)]
+    entries = [paths[0], ",".join(paths[1:3])]
+    sizes = [(64, 48), (64, 64)]  # --target_area 64*64 for each first reference, floored to 16
+    argv = _flags(checkpoint, tmp_path, entries, "--target_area", "64*64", "--control_resolution", "pipeline")
+    args, model = train_flux3.parse_args(argv), train_flux3.MODEL
+    transformer = _trained_transformer(checkpoint, model)
+    validation = Validation(args, model, torch.device("cpu"), torch.float32)
+    assert [(s.width, s.height) for s in validation.samples] == sizes
+    latents, rendered, calls = _sample_and_watch(validation, transformer, args)
+    assert calls == [(False, 2)] * STEPS
+
+    pipe = model.load_pipeline(str(checkpoint))
+    pipe.update_components(transformer=transformer.eval())
+    pipe.guider.disable()
+    for k, entry in enumerate(entries):
+        w, h = sizes[k]
+        state = pipe(
+            prompt=PROMPTS[k],
+            image=[PIL.Image.open(path) for path in entry.split(",")],
+            height=h,
+            width=w,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(SEED + k),
+        )
+        stock_latents = state.get("latents")[0].flatten(1).T  # unpacked (C, h, w) back to tokens
+        _check_equal(latents[k], rendered[k], (stock_latents, state.get("images")[0]))
 
 
 def test_validation_rows_check_the_reference_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

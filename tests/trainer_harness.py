@@ -37,6 +37,7 @@ SCRIPTS = {
     "flux2_klein": "train_flux2",  # one script for both FLUX.2 models, chosen by the checkpoint's pipeline
     "flux2_dev": "train_flux2",
     "qwen_image21": "train_qwen_image21",
+    "flux3_klein": "train_flux3",
 }
 # What the scripts' --demo trains, tested end to end as a user runs it (about a minute each): `--demo` is one code
 # path (`common.demo.run`) for every script, so the suite runs it once, for FLUX.2 [klein], whose demo rows hold 0 to
@@ -138,7 +139,7 @@ def check_run(out: Path, steps: int, mixed: bool) -> list[dict]:
 
 def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: Path) -> None:
     """The saved LoRA loads with the stock pipeline's load_lora_weights and changes the transformer's output."""
-    pipe = get_model(model).pipeline_class.from_pretrained(checkpoint)
+    pipe = get_model(model).load_pipeline(str(checkpoint))
     transformer = pipe.transformer.eval()
     generator = torch.Generator().manual_seed(0)
     channels = transformer.config.in_channels
@@ -169,6 +170,14 @@ def check_lora_changes_pipeline_output(model: str, checkpoint: Path, lora_dir: P
             encoder_hidden_states=torch.randn(1, 5, transformer.config.context_in_dim, generator=generator),
             img_shapes=[[(1, 3, 4)]],
             img_mask=target_slots(torch.zeros(5, dtype=torch.bool), 12)[None],
+        )
+    elif model.startswith("flux3"):
+        from common.flux3 import image_ids, text_ids
+
+        kwargs = dict(
+            encoder_hidden_states=torch.randn(1, 5, transformer.config.joint_attention_dim, generator=generator),
+            img_ids=image_ids(3, 4),
+            txt_ids=text_ids(5),
         )
     else:
         kwargs = dict(

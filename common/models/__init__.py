@@ -8,13 +8,23 @@ from __future__ import annotations
 
 from common.models.base import EditModel
 from common.models.flux2 import FLUX2_DEV, FLUX2_KLEIN
+from common.models.flux3 import FLUX3_KLEIN
 from common.models.flux_kontext import FLUX_KONTEXT
 from common.models.qwen_edit import QWEN_EDIT, QWEN_EDIT_2511, QWEN_EDIT_PLUS
 from common.models.qwen_image21 import QWEN_IMAGE21
 
 MODELS: dict[str, EditModel] = {
     model.name: model
-    for model in (FLUX_KONTEXT, QWEN_EDIT, QWEN_EDIT_PLUS, QWEN_EDIT_2511, FLUX2_KLEIN, FLUX2_DEV, QWEN_IMAGE21)
+    for model in (
+        FLUX_KONTEXT,
+        QWEN_EDIT,
+        QWEN_EDIT_PLUS,
+        QWEN_EDIT_2511,
+        FLUX2_KLEIN,
+        FLUX2_DEV,
+        QWEN_IMAGE21,
+        FLUX3_KLEIN,
+    )
 }
 
 __all__ = ["MODELS", "EditModel", "get_model", "register"]

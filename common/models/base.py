@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import PIL.Image
@@ -34,6 +35,12 @@ LatentDecoder = Callable[[nn.Module, Tensor, int, int, int], Tensor]
 Predict = Callable[[nn.Module, NoisyBatch, argparse.Namespace], list[Tensor]]
 # (generator, latent channels, token rows, token cols, dtype) -> packed starting noise (rows * cols, 4 * channels)
 NoiseSampler = Callable[[torch.Generator, int, int, int, torch.dtype], Tensor]
+# (checkpoint, dtype, revision, with the transformer) -> the stock pipeline with its components loaded
+PipelineLoader = Callable[[str, torch.dtype, str | None, bool], Any]
+# (every component but the transformer, the transformer, folder) -> None: a checkpoint in the hub repo layout
+PipelineWriter = Callable[[dict[str, Any], nn.Module, Path], None]
+# (base model id, LoRA path or repo, prompt, inference steps) -> Python that edits "input.png" with the LoRA
+UsageSnippet = Callable[[str, str, str, int], str]
 # {diffusers module name: (A, B)} with the scale folded into B -> {ComfyUI module name: (A, B)}
 ComfyUIKeys = Callable[[dict[str, tuple[Tensor, Tensor]]], dict[str, tuple[Tensor, Tensor]]]
 
@@ -82,7 +89,7 @@ class EditModel:
 
     name: str  # the --model name of precompute_cache.py and the registry key
     title: str  # how messages name it, e.g. "FLUX.1 Kontext"
-    pipeline_class: type[DiffusionPipeline]  # the stock pipeline: encoders, LoRA save/load format, validation decode
+    pipeline_class: type  # the stock (or modular) pipeline: encoders, LoRA save/load format, validation decode
     transformer_class: type[nn.Module]
 
     # Sizes: the pixel multiple and rounding of the pipeline's `calculate_dimensions`-style sizing.
@@ -125,11 +132,35 @@ class EditModel:
     script: str = "train.py"  # the trainer script of this model, as the model card's command names it
     # A model whose data this one encodes identically (same pipeline, same sizes), so its caches serve both.
     shares_data_with: str | None = None
+    # Loading and writing the pipeline where `pipeline_class.from_pretrained` / `save_pretrained` of a pipeline built
+    # from its components do not (modular pipelines load their components explicitly); None: those stock calls.
+    pipeline_loader: PipelineLoader | None = None
+    pipeline_writer: PipelineWriter | None = None
+    usage_snippet: UsageSnippet | None = None  # the model card's code where `pipeline_class` is not a classic pipeline
+    # Some LoRA targets reach the loss only in some batches (FLUX.3's reference blocks, in batches without
+    # references), so DDP must look for unused parameters every step.
+    ddp_find_unused_parameters: bool = False
 
     @property
     def data_name(self) -> str:
         """How cache fingerprints name this model's data."""
         return self.shares_data_with or self.name
+
+    def load_pipeline(
+        self, path: str, dtype: torch.dtype = torch.float32, revision: str | None = None, transformer: bool = True
+    ) -> Any:
+        """The stock pipeline of the checkpoint at `path`, with its transformer or without it (the encoders only)."""
+        if self.pipeline_loader is not None:
+            return self.pipeline_loader(path, dtype, revision, transformer)
+        kwargs = {} if transformer else {"transformer": None}
+        return self.pipeline_class.from_pretrained(path, dtype=dtype, revision=revision, **kwargs)
+
+    def write_pipeline(self, components: dict[str, Any], transformer: nn.Module, out: Path) -> None:
+        """Write a checkpoint of these components in the hub repo layout (the tiny checkpoints)."""
+        if self.pipeline_writer is not None:
+            self.pipeline_writer(components, transformer, out)
+            return
+        self.pipeline_class(**components, transformer=transformer).save_pretrained(out, safe_serialization=True)
 
     def policy(self, **kwargs: Any) -> ResolutionPolicy:
         """A ResolutionPolicy with this model's multiple and rounding (kwargs: the policy's other fields)."""
