@@ -44,6 +44,9 @@ class TestQwenImage21:
         assert all(h.torch.equal(cached[k], uncached[k]) for k in cached)
 
     test_bf16_mixed_precision_run = h.TrainerCases.test_bf16_mixed_precision_run
+    test_model_card_holds_the_run_and_its_snippet_runs = (
+        h.TrainerCases.test_model_card_holds_the_run_and_its_snippet_runs
+    )
     test_resumed_from_a_checkpoint_equals_the_uninterrupted_run = (
         h.TrainerCases.test_resumed_from_a_checkpoint_equals_the_uninterrupted_run
     )

@@ -216,6 +216,8 @@ def small(model: str, monkeypatch: pytest.MonkeyPatch) -> str:
     at 64x64 pixels: the pipelines otherwise resize every input to about 1 MP, seconds per VAE pass on CPU."""
     if model == "flux_kontext":
         return "height=64, width=64, max_area=64 * 64, _auto_resize=False"
+    if model == "qwen_image21":  # condition images sized for its output_resolution (default 1024)
+        return "height=64, width=64, output_resolution=64"
     if model == "qwen_edit":
         original = pipeline_qwenimage_edit.calculate_dimensions
         monkeypatch.setattr(pipeline_qwenimage_edit, "calculate_dimensions", lambda _, ratio: original(64 * 64, ratio))
