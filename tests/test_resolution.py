@@ -7,6 +7,7 @@ import pytest
 from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from diffusers.pipelines.flux import pipeline_flux_kontext
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus
+from diffusers.pipelines.qwenimage21 import pipeline_qwenimage21
 
 from common.models import MODELS, get_model
 from common.models.flux_kontext import FLUX_KONTEXT, kontext_preferred_size
@@ -175,6 +176,7 @@ def test_model_multiples_match_pipeline_sources():
         "qwen_edit_2511": 32,
         "flux2_klein": 16,
         "flux2_dev": 16,
+        "qwen_image21": 32,
         "flux3_klein": 16,
     }
     # FLUX.2: both pipelines floor references and the output to vae_scale_factor * 2.
@@ -182,8 +184,8 @@ def test_model_multiples_match_pipeline_sources():
         src = inspect.getsource(pipeline.__call__) + inspect.getsource(pipeline.prepare_latents)
         assert "multiple_of = self.vae_scale_factor * 2" in src
         assert "height = 2 * (int(height) // (self.vae_scale_factor * 2))" in src
-    # Qwen calculate_dimensions rounds to 32 in both Edit and Edit-Plus.
-    for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus):
+    # Qwen calculate_dimensions rounds to 32 in Edit, Edit-Plus and 2.1.
+    for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus, pipeline_qwenimage21):
         src = inspect.getsource(module.calculate_dimensions)
         assert "round(width / 32) * 32" in src and "round(height / 32) * 32" in src
     assert pipeline_qwenimage_edit.calculate_dimensions(1024 * 1024, 1.0)[:2] == (1024, 1024)
