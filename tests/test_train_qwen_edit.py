@@ -1,5 +1,5 @@
 """train_qwen_edit.py end to end on the tiny kit (cached/uncached, resume, LoRA, NaN stop, equal sizes); 2 processes
-run for Edit-Plus, whose loop inputs these are a case of (trainer_harness.ProcessCases)."""
+run for FLUX.2 [klein] (trainer_harness.ProcessCases)."""
 
 import trainer_harness as h
 

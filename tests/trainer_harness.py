@@ -373,10 +373,10 @@ class TrainerCases:
 
 
 class ProcessCases:
-    """2 ranks as real processes, a few seconds of start-up each: for the trainers whose batches differ most between
-    ranks (Edit-Plus and FLUX.2, 0..n references per sample). A real SIGKILL and resume runs once, for Kontext with
-    fp8 and offloaded blocks (`check_resume_after_sigkill`); every trainer resumes in-process from a checkpoint
-    (`TrainerCases`), which is what a kill leaves."""
+    """2 ranks as real processes, a few seconds of start-up each: for FLUX.2 [klein], whose ranks' batches differ
+    most (0..3 references per sample; gradients are synchronised the same way for every model). A real SIGKILL and
+    resume runs once, for Kontext with fp8 and offloaded blocks (`check_resume_after_sigkill`); every trainer resumes
+    in-process from a checkpoint (`TrainerCases`), which is what a kill leaves."""
 
     MODEL = ""
 
