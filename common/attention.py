@@ -113,8 +113,12 @@ def mixed_attention(query: Tensor, key: Tensor, value: Tensor, mixed: MixedAtten
     every new batch layout a recompile; the attention kernels themselves gain nothing from tracing.
     """
     if mixed.backend == "masked":
+        # A sample without real tokens in this stream (FLUX.3's references of a sample that has none) attends to
+        # its padding instead of to nothing: its rows are zeroed below, and no kernel meets a fully masked row,
+        # whose output and gradients are kernel-dependent (NaN in some).
+        attend = mixed.key_mask | ~mixed.key_mask.any(-1, keepdim=True)
         with without_cudnn():
-            out = dispatch_attention_fn(query, key, value, attn_mask=mixed.key_mask)
+            out = dispatch_attention_fn(query, key, value, attn_mask=attend)
         return torch.where(mixed.key_mask[:, 0, 0, :, None, None], out, out.new_zeros(()))
     flat = [t.flatten(0, 1).index_select(0, mixed.index) for t in (query, key, value)]
     if mixed.backend == "varlen":

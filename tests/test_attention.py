@@ -54,27 +54,33 @@ def test_backends_equal_attention_over_real_tokens(backend):
 
 
 class _WatchSdpa(TorchFunctionMode):
-    """Records the SDPA kernels enabled at each scaled_dot_product_attention call."""
+    """Records the SDPA kernels enabled at each scaled_dot_product_attention call, and its boolean masks."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[list[str]] = []
+        self.masks: list[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__name__", "") == "scaled_dot_product_attention":
             self.seen.append(enabled_sdpa_kernels())
+            mask = (kwargs or {}).get("attn_mask", args[3] if len(args) > 3 else None)
+            if mask is not None:
+                self.masks.append(mask)
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", available_backends(CPU, torch.float32))
 def test_padded_positions_get_zero_outputs_and_zero_gradients(backend, dtype):
-    """Every padded query, key and value position: output exactly 0, gradient exactly 0 (so finite). `masked` never
-    runs cuDNN attention, even when the user allows it: on an H200 (torch 2.11, bf16) it gave padded positions NaN
-    or nonzero gradients. CPU has no cuDNN attention and no CPU kernel shows the NaN: this checks the exclusion."""
+    """Every padded query, key and value position: output exactly 0, gradient exactly 0 (so finite), also for a
+    sample without any real token (sample 3). `masked` never runs cuDNN attention, even when the user allows it: on
+    an H200 (torch 2.11, bf16) it gave padded positions NaN or nonzero gradients; nor does it hand any kernel a row
+    with every key masked (kernel-dependent results). CPU has no cuDNN attention and no CPU kernel shows the NaN:
+    this checks the exclusions."""
     g = torch.Generator().manual_seed(0)
-    segments = [[(0, 3), (5, 9)], [(0, 10)], [(0, 1), (5, 6)]]
-    q, k, v = (torch.randn(3, 10, 2, 8, generator=g).to(dtype).requires_grad_() for _ in range(3))
+    segments = [[(0, 3), (5, 9)], [(0, 10)], [(0, 1), (5, 6)], []]
+    q, k, v = (torch.randn(4, 10, 2, 8, generator=g).to(dtype).requires_grad_() for _ in range(3))
     mixed = MixedAttention.from_segments(segments, 10, backend, CPU)
     with sdpa_kernels(["cudnn", "flash", "efficient", "math"]), _WatchSdpa() as watch:
         out = mixed_attention(q, k, v, mixed)
@@ -84,6 +90,7 @@ def test_padded_positions_get_zero_outputs_and_zero_gradients(backend, dtype):
     for t in (q, k, v):
         assert t.grad[~pad].abs().sum() > 0 and torch.equal(t.grad[pad], torch.zeros_like(t.grad[pad]))
     assert watch.seen and all(("cudnn" in kernels) == (backend != "masked") for kernels in watch.seen)
+    assert all(mask.any(-1).all() for mask in watch.masks), "a query row with every key masked"
 
 
 def test_apply_rope_real_matches_diffusers_per_sample():
