@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import lora_grads, randomize_lora, reduce_base, relative_error
+from conftest import check_matches_stock, lora_grads, randomize_lora, reduce_base, relative_error, to_device
 from diffusers import QwenImage21Pipeline, QwenImage21Transformer2DModel
 from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
 from peft import LoraConfig
@@ -87,6 +87,18 @@ def test_mixed_batch_matches_each_sample_alone(transformer):
         expected = stock_single(transformer, batch, i)
         assert o.shape == expected.shape
         assert (o - expected).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("causal_condition", [True, False], ids=["causal_condition", "plain"])
+def test_mixed_batch_matches_each_sample_alone_on_cuda(causal_condition, dtype):
+    """On the GPU, with the trainers' SDPA kernels: fp32 within 1e-5, bf16 within the stock path's kernel spread."""
+    transformer = tiny(causal_condition).to("cuda", dtype)
+    batch = to_device(make_batch(MIXED, text_masks=True), "cuda", dtype)
+    out = mixed_forward(transformer, **batch)
+    check_matches_stock(out, lambda i: stock_single(transformer, batch, i), dtype)
 
 
 @torch.no_grad()
