@@ -14,6 +14,7 @@ Backends:
 - ``auto``: ``varlen`` where it can run, else ``split``.
 """
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -64,6 +65,14 @@ class MixedAttention:
     lengths: list[int]  # L_i, real tokens of each sample
     cu_seqlens: Tensor  # (B+1,) int32 cumulative L_i, for varlen kernels
 
+    @functools.cached_property
+    def attend_mask(self) -> Tensor:
+        """`key_mask` for the `masked` backend (built once per layout, not per layer): a sample without real tokens
+        in this stream (FLUX.3's references of a sample that has none) attends to its padding instead of to
+        nothing; its rows are zeroed after, and no kernel meets a fully masked row, whose output and gradients are
+        kernel-dependent (NaN in some)."""
+        return self.key_mask | ~self.key_mask.any(-1, keepdim=True)
+
     @classmethod
     def from_segments(
         cls, segments: Sequence[Sequence[tuple[int, int]]], seq_len: int, backend: str, device: torch.device
@@ -113,12 +122,8 @@ def mixed_attention(query: Tensor, key: Tensor, value: Tensor, mixed: MixedAtten
     every new batch layout a recompile; the attention kernels themselves gain nothing from tracing.
     """
     if mixed.backend == "masked":
-        # A sample without real tokens in this stream (FLUX.3's references of a sample that has none) attends to
-        # its padding instead of to nothing: its rows are zeroed below, and no kernel meets a fully masked row,
-        # whose output and gradients are kernel-dependent (NaN in some).
-        attend = mixed.key_mask | ~mixed.key_mask.any(-1, keepdim=True)
         with without_cudnn():
-            out = dispatch_attention_fn(query, key, value, attn_mask=attend)
+            out = dispatch_attention_fn(query, key, value, attn_mask=mixed.attend_mask)
         return torch.where(mixed.key_mask[:, 0, 0, :, None, None], out, out.new_zeros(()))
     flat = [t.flatten(0, 1).index_select(0, mixed.index) for t in (query, key, value)]
     if mixed.backend == "varlen":
