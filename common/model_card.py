@@ -27,7 +27,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from common.cli import public_config
 from common.data import TOKEN_PIXELS
 from common.lora import COMFYUI_FILE, LORA_FILE
-from common.models.base import HubDescription
+from common.models.base import HubDescription, edit_snippet
 from common.plots import CURVES_FILE
 from common.run_guard import VALIDATION_DIR
 
@@ -113,22 +113,8 @@ def caption_hints(captions: list[str | None] | None) -> list[str]:
 
 def snippet(pipeline_class: str, base_model: str, lora: str, prompt: str, steps: int = SNIPPET_STEPS) -> str:
     """Python that loads the base pipeline with this LoRA and edits one image."""
-    return f"""import torch
-from diffusers import {pipeline_class}
-from diffusers.utils import load_image
-
-pipe = {pipeline_class}.from_pretrained({base_model!r}, dtype=torch.bfloat16)
-pipe.load_lora_weights({lora!r})
-pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-
-image = load_image("input.png")  # the image to edit
-edited = pipe(
-    image=image,
-    prompt={prompt!r},
-    num_inference_steps={steps},
-    generator=torch.Generator().manual_seed(0),
-).images[0]
-edited.save("edited.png")"""
+    load = f"pipe = {pipeline_class}.from_pretrained({base_model!r}, dtype=torch.bfloat16)"
+    return edit_snippet(f"from diffusers import {pipeline_class}", load, lora, prompt, steps)
 
 
 def command_line(args: argparse.Namespace, model: EditModel) -> str:

@@ -45,6 +45,27 @@ UsageSnippet = Callable[[str, str, str, int], str]
 ComfyUIKeys = Callable[[dict[str, tuple[Tensor, Tensor]]], dict[str, tuple[Tensor, Tensor]]]
 
 
+def edit_snippet(imports: str, load: str, lora: str, prompt: str, steps: int, result: str = ").images[0]") -> str:
+    """Python for a model card: `imports`, then `load` (which builds `pipe`), the LoRA loaded into it, and one edit of
+    "input.png" whose image `result` (the call's closing) takes from the pipeline's output."""
+    return f"""import torch
+{imports}
+from diffusers.utils import load_image
+
+{load}
+pipe.load_lora_weights({lora!r})
+pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+
+image = load_image("input.png")  # the image to edit
+edited = pipe(
+    image=image,
+    prompt={prompt!r},
+    num_inference_steps={steps},
+    generator=torch.Generator().manual_seed(0),
+{result}
+edited.save("edited.png")"""
+
+
 def no_flags(parser: argparse.ArgumentParser) -> None:
     """A model without trainer flags of its own."""
 

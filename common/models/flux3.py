@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from common import flux3
 from common.batch import NoisyBatch
 from common.models import flux2
-from common.models.base import EditModel, HubDescription
+from common.models.base import EditModel, HubDescription, edit_snippet
 from common.tiny_components import FLUX3_TRANSFORMER, flux3_klein_components
 
 MULTIPLE = 16  # `Flux3PrepareLatentsStep.check_inputs`: sizes divisible by vae_scale_factor * 2
@@ -135,26 +135,12 @@ def comfyui_keys(pairs: dict[str, tuple[Tensor, Tensor]]) -> dict[str, tuple[Ten
 
 def usage_snippet(base_model: str, lora: str, prompt: str, steps: int) -> str:
     """Python that edits one image with the modular pipeline and this LoRA, the prompt encoded as given (as trained)."""
-    return f"""import torch
-from diffusers import Flux3AutoBlocks
-from diffusers.utils import load_image
-
-blocks = Flux3AutoBlocks()
+    load = f"""blocks = Flux3AutoBlocks()
 blocks.sub_blocks.pop("prompt_upsampler")  # the LoRA was trained on prompts as given
 pipe = blocks.init_pipeline({base_model!r})
-pipe.load_components(dtype=torch.bfloat16)
-pipe.load_lora_weights({lora!r})
-pipe.to("cuda" if torch.cuda.is_available() else "cpu")
-
-image = load_image("input.png")  # the image to edit
-edited = pipe(
-    image=image,
-    prompt={prompt!r},
-    num_inference_steps={steps},
-    generator=torch.Generator().manual_seed(0),
-    output="images",
-)[0]
-edited.save("edited.png")"""
+pipe.load_components(dtype=torch.bfloat16)"""
+    result = '    output="images",\n)[0]'
+    return edit_snippet("from diffusers import Flux3AutoBlocks", load, lora, prompt, steps, result)
 
 
 def predict(transformer: nn.Module, batch: NoisyBatch, args: argparse.Namespace) -> list[Tensor]:
