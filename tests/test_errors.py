@@ -6,6 +6,7 @@ not inferred; the first case shows the hook does see the model files of a run th
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,28 +18,51 @@ import trainer_harness as h
 from common.errors import UserError
 
 MODEL = "flux_kontext"
-# Runs a script as __main__ with an audit hook printing each opened file under MODEL_DIR to stderr.
+# Runs scripts as __main__, one after another in one process (each case: a script and its arguments, JSON in argv[1]),
+# with an audit hook printing each opened file under the MODEL_DIR folders (os.pathsep-separated) to stderr; each
+# case's lines end with its exit status. One process for several refusals saves the ~12 s of imports each would cost.
 AUDITED = """
-import os, runpy, sys
-root = os.environ["MODEL_DIR"]
+import json, os, runpy, sys
+roots = tuple(os.environ["MODEL_DIR"].split(os.pathsep))
 def hook(event, args):
-    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and os.fsdecode(args[0]).startswith(root):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and os.fsdecode(args[0]).startswith(roots):
         sys.stderr.write(f"AUDIT-OPEN {os.fsdecode(args[0])}\\n")
 sys.addaudithook(hook)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+for argv in json.loads(sys.argv[1]):
+    sys.argv = argv
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+        status = 0
+    except SystemExit as exit:
+        status = 0 if exit.code is None else exit.code
+    sys.stderr.write(f"AUDIT-EXIT {status}\\n")
 """
 
 
-def audited_run(checkpoint, argv, script="train_flux_kontext.py", env=None):
-    """(exit status, stderr lines) of a script with the audit hook on `checkpoint` (`env`: the environment, default
-    the harness's)."""
-    env = {**(h.ENV if env is None else env), "PYTHONPATH": str(h.ROOT), "MODEL_DIR": str(checkpoint)}
-    script = str(h.ROOT / script)
+def audited_runs(checkpoints, cases, env=None):
+    """[(exit status, stderr lines)] of each case (script name, arguments), run in turn in one process with the audit
+    hook on the `checkpoints` folders (`env`: the environment, default the harness's)."""
+    env = {**(h.ENV if env is None else env), "PYTHONPATH": str(h.ROOT)}
+    env["MODEL_DIR"] = os.pathsep.join(str(checkpoint) for checkpoint in checkpoints)
+    argvs = [[str(h.ROOT / script), *argv] for script, argv in cases]
     result = subprocess.run(
-        [sys.executable, "-c", AUDITED, script, *argv], cwd=h.ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", AUDITED, json.dumps(argvs)], cwd=h.ROOT, env=env, capture_output=True, text=True
     )
-    return result.returncode, result.stderr.splitlines()
+    runs, lines = [], []
+    for line in result.stderr.splitlines():
+        if line.startswith("AUDIT-EXIT "):
+            runs.append((int(line.removeprefix("AUDIT-EXIT ")), lines))
+            lines = []
+        else:
+            lines.append(line)
+    assert len(runs) == len(cases), result.stderr[-3000:]  # a crash of the process itself ends the cases early
+    return runs
+
+
+def audited_run(checkpoint, argv, script="train_flux_kontext.py", env=None):
+    """(exit status, stderr lines) of one script run with the audit hook on `checkpoint`."""
+    (run,) = audited_runs([checkpoint], [(script, argv)], env)
+    return run
 
 
 def snapshot(folder):
@@ -114,18 +138,34 @@ def test_used_output_dir_is_refused_untouched_and_latest_resumes_the_same_run(se
     assert config["rank"] == 4 and config["lora_alpha"] == 6 and config["multi_resolutions"] == h.RESOLUTIONS
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (["--dataset", "/nonexistent/pairs"], "dataset '/nonexistent/pairs': no such file or folder"),
-        (["--cache_dir", "/nonexistent/cache"], "no cache at /nonexistent/cache"),
-    ],
-)
-def test_mistakes_are_one_line_before_any_model_file_is_opened(setup, change, message):
+MISTAKES = {
+    "missing dataset": (["--dataset", "/nonexistent/pairs"], "dataset '/nonexistent/pairs': no such file or folder"),
+    "missing cache": (["--cache_dir", "/nonexistent/cache"], "no cache at /nonexistent/cache"),
+}
+
+
+@pytest.fixture(scope="module")
+def refusals(setup, tiny_checkpoint):
+    """The refused runs, in one audited process: each of MISTAKES on FLUX.1 Kontext's script, then
+    train_qwen_edit.py given Qwen-Image-Edit-Plus's checkpoint. {name: (exit status, stderr lines)}."""
     root, checkpoint, flags = setup
-    status, lines = audited_run(checkpoint, [*flags, *h.train_flags(root / "never"), *change])
+    other = tiny_checkpoint("qwen_edit_plus")
+    cases = [
+        ("train_flux_kontext.py", [*flags, *h.train_flags(root / "never"), *change]) for change, _ in MISTAKES.values()
+    ]
+    argv = ["--pretrained_model_name_or_path", str(other), "--dataset", str(root / "data")]
+    argv += ["--cache_dir", str(root / "never"), "--output_dir", str(root / "never"), "--report_to", "none"]
+    cases.append(("train_qwen_edit.py", argv))
+    runs = audited_runs([checkpoint, other], cases)
+    return dict(zip([*MISTAKES, "another model"], runs, strict=True))
+
+
+@pytest.mark.parametrize("mistake", MISTAKES)
+def test_mistakes_are_one_line_before_any_model_file_is_opened(setup, refusals, mistake):
+    root, _, _ = setup
+    status, lines = refusals[mistake]
     assert status == 2
-    assert message in user_error_lines(lines)
+    assert MISTAKES[mistake][1] in user_error_lines(lines)
     assert not (root / "never").exists()
 
 
@@ -173,14 +213,11 @@ def test_precompute_refuses_rows_the_model_cannot_take_before_encoding_and_fails
     assert "no usable rows (4 rows, 4 skipped; first: bad sample '000'" in user_error_lines(lines)
 
 
-def test_a_checkpoint_of_another_model_is_one_line_before_anything_loads(setup, tiny_checkpoint):
+def test_a_checkpoint_of_another_model_is_one_line_before_anything_loads(setup, refusals):
     """The checkpoint's model_index.json names its pipeline; a script given another model's says which script
     trains it (other scripts and precompute_cache.py, in the process: tests/test_cli.py)."""
     root, _, _ = setup
-    checkpoint = tiny_checkpoint("qwen_edit_plus")
-    argv = ["--pretrained_model_name_or_path", str(checkpoint), "--dataset", str(root / "data")]
-    argv += ["--cache_dir", str(root / "never"), "--output_dir", str(root / "never"), "--report_to", "none"]
-    status, lines = audited_run(checkpoint, argv, "train_qwen_edit.py")
+    status, lines = refusals["another model"]
     assert status == 2
     assert (
         "names 'QwenImageEditPlusPipeline'; train_qwen_edit.py takes QwenImageEditPipeline checkpoints; it is "
