@@ -1,6 +1,7 @@
 """precompute_cache.py end to end on the tiny kit: cached tensors equal a fresh encode of the same sample."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -203,10 +204,11 @@ def test_sigkill_then_rerun_keeps_finished_shards(tmp_path, tiny_checkpoint):
         assert_same(resumed[i], uninterrupted[i])
 
 
-def test_damaged_shard_and_edited_rows_re_encode_only_those_rows(tmp_path, tiny_checkpoint):
+def test_damaged_shard_and_edited_rows_re_encode_only_those_rows(tmp_path, tiny_checkpoint, caplog):
     """Real processes (one CPU thread each, so all compute the same bits): a truncated shard is named by the
     trainer-side loader, and rerunning precompute_cache.py (with another spelling of the same sizes) re-encodes only
     its rows, giving a cache equal to a clean one; editing one caption then re-encodes exactly one row."""
+    caplog.set_level(logging.INFO)
     import shutil
 
     dataset = write_folder(tmp_path / "data", rows=6)
@@ -237,9 +239,11 @@ def test_damaged_shard_and_edited_rows_re_encode_only_those_rows(tmp_path, tiny_
     for i in range(6):
         assert_same(b[i], a[i])
 
+    # In-process: only the edited row is encoded, so its thread count does not matter.
     (dataset / "s3.txt").write_text("a caption fixed by the user")
-    log = precompute(repaired)
-    assert "5 of 6 rows are already in the cache" in log and "encoding 1 rows" in log
+    caplog.clear()
+    run("flux_kontext", tiny_checkpoint("flux_kontext"), dataset, repaired)
+    assert "5 of 6 rows are already in the cache" in caplog.text and "encoding 1 rows" in caplog.text
     edited = CachedRows(load_cache(repaired))
     assert [edited[i]["sample_id"] for i in range(6)] == [f"s{i}" for i in range(6)]
     changed = [i for i in range(6) if not torch.equal(edited[i]["prompt_embeds"], a[i]["prompt_embeds"])]
