@@ -58,6 +58,20 @@ def run_script(main: Callable[[], T]) -> T:
         sys.exit(EXIT_INTERRUPTED)
 
 
+# Library warnings about code paths this project never takes, dropped so that a run's first lines are its own:
+# bitsandbytes (0.50, imported by peft and diffusers) warns at import, on CPUs with AVX512-BF16 (GPU hosts too), that
+# its optional CPU nf4 kernel (the `kernels` hub package) is missing; nf4 here runs only on CUDA, and is refused
+# elsewhere. {logger name: message prefix}
+IRRELEVANT_LIBRARY_WARNINGS = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+
+
+def drop_irrelevant_library_warnings() -> None:
+    """Filter IRRELEVANT_LIBRARY_WARNINGS out of their loggers; other records of those loggers still pass. Must run
+    before the library is imported (common/__init__.py runs it), since the warning comes at import."""
+    for name, prefix in IRRELEVANT_LIBRARY_WARNINGS.items():
+        logging.getLogger(name).addFilter(lambda record, p=prefix: not record.getMessage().startswith(p))
+
+
 def configure_logging(quiet: bool = False) -> None:
     """INFO lines of this project's loggers on stderr (WARNING with quiet); library loggers are left as they are.
 
