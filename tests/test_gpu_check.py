@@ -85,3 +85,26 @@ def test_report_says_what_failed_keeps_tables_and_stops_at_the_budget(tmp_path, 
     assert "timed out after" in sleeper and int(sleeper.split("timed out after ")[1].split()[0]) <= 4
     assert sleeper.endswith("|  |"), "a stage that printed nothing has nothing to quote"
     assert "| left out | not run (budget spent) |" in text
+
+
+def test_each_trainer_stage_passes_flags_its_script_accepts(tmp_path):
+    """The trainer stages' arguments parse in their own scripts and name validation images that exist (a typo would
+    cost a GPU session's stage), on the checkpoint and data their `--write` makes (here with tiny configs:
+    bench.random_weights --tiny)."""
+    import runpy
+
+    from bench.random_weights import REFERENCES
+    from bench.random_weights import main as random_weights
+    from common.validation import validation_rows
+
+    for stage in stages(sys.executable, tmp_path)[1:4]:
+        write = stage.argv.index("--write")
+        model, folder, script = stage.argv[write + 1], Path(stage.argv[write + 2]), stage.argv[write + 3]
+        random_weights(["--tiny", "--write", model, str(folder)])
+        args = runpy.run_path(str(ROOT / script))["parse_args"](stage.argv[write + 4 :])
+        assert (args.max_train_steps, args.train_batch_size, args.mixed_precision) == (2, 2, "bf16"), model
+        assert args.gradient_checkpointing and args.validation_steps == 2, model
+        assert Path(args.pretrained_model_name_or_path) == folder / "model" and Path(args.output_dir) == folder / "out"
+        assert not Path(args.output_dir).exists(), "parsing writes nothing"
+        (row,) = validation_rows(args.validation_prompts, args.validation_images, model)
+        assert len(row.controls) == REFERENCES[model], model
