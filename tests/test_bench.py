@@ -36,3 +36,10 @@ def test_every_module_answers_help_and_gpu_check_without_a_gpu_runs_nothing(tmp_
     assert {"bench.memory", "bench.fp8_accuracy", "bench.gpu_check", "bench.random_weights"} <= set(MODULES)
     assert "needs a CUDA GPU" in done.stdout and "nothing was run" in done.stdout
     assert list(tmp_path.iterdir()) == [], "nothing may be written without a GPU"
+
+
+def test_the_bench_package_drops_irrelevant_library_warnings_before_its_modules_import_libraries():
+    """`python -m bench.X` runs bench/__init__.py first; several bench modules import diffusers before `common`."""
+    code = "import logging, sys, bench; print(len(logging.getLogger('bitsandbytes.backends.cpu.ops').filters))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["1"], done.stderr
